@@ -1,0 +1,57 @@
+"""torchslim: TF-Slim's training layer for PyTorch.
+
+    import torchslim as slim
+
+    train_op = slim.learning.create_train_op(total_loss, optimizer)
+    slim.learning.train(train_op, '/tmp/logdir', data=loader, number_of_steps=1000)
+
+Submodules are imported on first use, so ``import torchslim`` stays cheap.
+"""
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+__version__ = "0.1.0"
+
+_SUBMODULES = (
+    "checkpoint",
+    "cli",
+    "collections",
+    "data",
+    "demo",
+    "distributed",
+    "evaluation",
+    "layers",
+    "learning",
+    "losses",
+    "metrics",
+    "model_analyzer",
+    "queues",
+    "summaries",
+    "triggers",
+    "variables",
+)
+
+# Names re-exported at the top level, as TF-Slim exposes them on `slim`.
+_ATTRIBUTES = {
+    "SyncReplicasOptimizer": "distributed",
+    "GraphKeys": "collections",
+    "batch_norm": "layers",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _SUBMODULES:
+        module = importlib.import_module(f"{__name__}.{name}")
+        globals()[name] = module
+        return module
+    if name in _ATTRIBUTES:
+        value = getattr(importlib.import_module(f"{__name__}.{_ATTRIBUTES[name]}"), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'torchslim' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(list(globals()) + list(_SUBMODULES) + list(_ATTRIBUTES))
