@@ -1,0 +1,33 @@
+"""Shared pieces of the benchmarks: the loop-overhead MLP, its data, and interleaved timing."""
+from __future__ import annotations
+
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+
+def mlp() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
+
+
+def batches(n: int = 100, batch_size: int = 32, seed: int = 0) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(batch_size, 64, generator=g), torch.randint(0, 10, (batch_size,), generator=g)) for _ in range(n)]
+
+
+def interleaved(runs: dict[str, Callable[[], float]], rounds: int) -> dict[str, float]:
+    """Runs each timed function once per round, alternating; returns the median seconds of each."""
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for r in range(rounds):
+        order = list(runs) if r % 2 == 0 else list(reversed(runs))
+        for name in order:
+            times[name].append(runs[name]())
+    return {name: statistics.median(ts) for name, ts in times.items()}
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start

@@ -1,0 +1,106 @@
+"""Loop overhead: slim.learning.train against a hand-written PyTorch loop, in one run.
+
+    python benchmarks/loop_overhead.py [--steps 2000] [--rounds 7] [--device cpu|cuda] [--model mlp|resnet18]
+
+MLP 64->128->10, batch 32, SGD with momentum, cross-entropy, in-memory data;
+train() logs every 100 steps, writes no summaries and checkpoints only at the
+end. Prints steps/sec of each and the ratio slim/raw (target >= 0.97).
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import sys
+import tempfile
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import _common  # noqa: E402
+
+import torchslim as slim  # noqa: E402
+
+
+def resnet18_cifar() -> torch.nn.Module:
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    from models_zoo import resnet18  # written in this repo, torchvision's architecture
+
+    return resnet18(num_classes=10)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--model", choices=["mlp", "resnet18"], default="mlp")
+    args = parser.parse_args()
+    logging.getLogger("torchslim").setLevel(logging.WARNING)
+    device = torch.device(args.device)
+    if args.model == "mlp":
+        make_model, data = _common.mlp, _common.batches()
+    else:
+        make_model = resnet18_cifar
+        g = torch.Generator().manual_seed(0)
+        data = [(torch.randn(128, 3, 32, 32, generator=g), torch.randint(0, 10, (128,), generator=g)) for _ in range(10)]
+    data = [(x.to(device), y.to(device)) for x, y in data]
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+
+    def raw() -> float:
+        torch.manual_seed(0)
+        model = make_model().to(device)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+        def loop() -> None:
+            for i in range(args.steps):
+                x, y = data[i % len(data)]
+                opt.zero_grad()
+                loss = torch.nn.functional.cross_entropy(model(x), y)
+                loss.backward()
+                opt.step()
+                if (i + 1) % 100 == 0:
+                    loss.item()
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, os.path.join(tmp, "raw.pt"))
+            sync()
+
+        return _common.timed(loop)
+
+    def slim_train() -> float:
+        torch.manual_seed(0)
+        slim.collections.reset()
+        model = make_model().to(device)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+        def total_loss(batch):
+            x, y = batch
+            return torch.nn.functional.cross_entropy(model(x), y)
+
+        train_op = slim.learning.create_train_op(total_loss, opt)
+        logdir = tempfile.mkdtemp(dir=tmp)
+
+        def loop() -> None:
+            slim.learning.train(
+                train_op, logdir, data=slim.data.repeat(data), number_of_steps=args.steps,
+                log_every_n_steps=100, save_summaries_secs=None, save_interval_secs=None,
+            )
+            sync()
+
+        return _common.timed(loop)
+
+    tmp = tempfile.mkdtemp()
+    try:
+        raw(), slim_train()  # warm-up
+        medians = _common.interleaved({"raw": raw, "slim": slim_train}, args.rounds)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    raw_sps, slim_sps = args.steps / medians["raw"], args.steps / medians["slim"]
+    print(f"model={args.model} device={device} steps={args.steps} rounds={args.rounds} threads={torch.get_num_threads()}")
+    print(f"raw PyTorch loop : {raw_sps:9.1f} steps/sec")
+    print(f"slim.learning    : {slim_sps:9.1f} steps/sec")
+    print(f"ratio slim/raw   : {slim_sps / raw_sps:.3f}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,315 @@
+"""The Supervisor: start or recover, periodic services, and a clean stop.
+
+    import torchslim as slim
+
+    with slim.supervisor.Supervisor(train_op, logdir='/tmp/logdir', data=loader) as sv:
+        batches = sv.batches()
+        while not sv.should_stop(number_of_steps=1000):
+            loss = train_op(next(batches))
+            sv.after_step(loss)
+        sv.finish()                         # the final checkpoint
+
+``slim.learning.train`` drives one; use it directly only for a loop of your
+own. On start it restores the newest intact checkpoint in ``logdir``
+(weights, optimizer, scheduler, global step, RNG streams, data position) or,
+when there is none, calls ``init_fn`` — one entry point for a fresh start
+and for recovery. While running it writes checkpoints and summaries when
+their triggers say so, both off the training thread. Only the chief writes.
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import os
+import random
+import time
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+
+from torchslim import checkpoint as _checkpoint
+from torchslim import collections as _collections
+from torchslim import triggers as _triggers
+from torchslim.collections import GraphKeys
+from torchslim.data import is_one_shot, make_resumable
+
+__all__ = ["Supervisor", "rng_state", "set_rng_state"]
+
+logger = logging.getLogger("torchslim")
+
+
+def rng_state() -> dict[str, Any]:
+    """The torch (CPU and CUDA), numpy and Python RNG states, in checkpointable types.
+
+    Example:
+        >>> s = rng_state(); a = torch.rand(1); set_rng_state(s); bool(torch.rand(1) == a)
+        True
+    """
+    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    state: dict[str, Any] = {
+        "torch": torch.get_rng_state(),
+        "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    """Restores what :func:`rng_state` returned."""
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state((n["kind"], n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached_gaussian"]))
+    py = state["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _wants_distributed(master: str, sync_optimizer: Any) -> bool:
+    if master or sync_optimizer is not None:
+        return True
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_world_size() > 1
+    return int(os.environ.get("WORLD_SIZE", "1")) > 1
+
+
+class Supervisor:
+    """Start/restore, checkpoint and summary services, and stop, for one training run.
+
+    See the module docstring; arguments are those of ``slim.learning.train``.
+    """
+
+    def __init__(
+        self,
+        train_op: Any,
+        logdir: str | None,
+        data: Any = None,
+        is_chief: bool | None = None,
+        master: str = "",
+        sync_optimizer: Any = None,
+        startup_delay_steps: int = 0,
+        number_of_steps: int | None = None,
+        init_fn: Callable[[], Any] | None = None,
+        saver: Any = None,
+        save_interval_secs: float | None = 600,
+        save_interval_steps: int | None = None,
+        summary_op: Any = None,
+        summary_writer: Any = None,
+        save_summaries_secs: float | None = 600,
+        save_summaries_steps: int | None = None,
+        ignore_live_threads: bool = False,
+    ) -> None:
+        from torchslim.learning import _USE_DEFAULT
+
+        self.train_op = train_op
+        self.logdir = logdir
+        self.data = make_resumable(data)
+        self.master = master
+        self.sync_optimizer = sync_optimizer
+        self.startup_delay_steps = startup_delay_steps
+        self.number_of_steps = number_of_steps
+        self.init_fn = init_fn
+        self.ignore_live_threads = ignore_live_threads
+        self.replica: Any = None
+        if _wants_distributed(master, sync_optimizer):
+            from torchslim import distributed
+
+            self.replica = distributed.prepare(
+                train_op, master=master, is_chief=is_chief, sync_optimizer=sync_optimizer,
+                startup_delay_steps=startup_delay_steps, number_of_steps=number_of_steps,
+            )
+            is_chief = self.replica.is_chief
+        self.is_chief = True if is_chief is None else bool(is_chief)
+        writes = logdir is not None and self.is_chief
+        if saver is not None and not isinstance(saver, _checkpoint.Saver):
+            raise ValueError(f"saver must be a torchslim.checkpoint.Saver, got {type(saver).__name__}")
+        self.saver = (saver or _checkpoint.Saver()) if logdir is not None else None
+        self.save_trigger = _triggers.make_trigger(save_interval_secs, save_interval_steps) if writes else None
+        self.summary_op = summary_op if summary_op is not _USE_DEFAULT else None
+        self._writer_arg = summary_writer if summary_writer is not _USE_DEFAULT else None
+        summary_trigger = _triggers.make_trigger(save_summaries_secs, save_summaries_steps)
+        self._summaries_on = writes and summary_op is not None and summary_writer is not None and summary_trigger is not None
+        self.summary_due = summary_trigger if self._summaries_on else None
+        self.writer: Any = None
+        self.restored_from: str | None = None
+        self._queue_runners: Any = None
+        self.coordinator: Any = None
+        self._last_summary: tuple[int, float] | None = None
+        self._last_saved_step: int | None = None
+        self._started = False
+
+    # -- state ---------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything an exact resume needs, as live references (snapshot before writing off-thread)."""
+        state = self.train_op.state_dict()
+        state["format"] = _checkpoint.FORMAT
+        state["rng"] = rng_state()
+        if self.data is not None and hasattr(self.data, "state_dict"):
+            state["data"] = self.data.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.train_op.load_state_dict(state)
+        if "data" in state and self.data is not None and hasattr(self.data, "load_state_dict"):
+            self.data.load_state_dict(state["data"])
+        elif self.data is not None and is_one_shot(self.data):
+            logger.warning(
+                "Resuming at global step %d, but data is a one-shot iterator whose position cannot be restored; "
+                "it continues from wherever it starts now (use a list, Dataset, DataLoader or slim.data.repeat)",
+                self.train_op.step,
+            )
+        if "rng" in state:
+            set_rng_state(state["rng"])
+
+    # -- start ---------------------------------------------------------------
+    def start(self) -> None:
+        if self.logdir is not None and self.is_chief:
+            os.makedirs(self.logdir, exist_ok=True)
+        restored = None
+        if self.logdir is not None:
+            restored = self.saver.restore_latest(self.logdir)
+        if restored is not None:
+            self.restored_from, state = restored
+            self.load_state_dict(state)
+            logger.info("Restored %s (global step %d)", self.restored_from, self.train_op.step)
+        elif self.init_fn is not None:
+            self.init_fn()
+        if self.replica is not None:
+            self.replica.after_restore(self)
+        if self._summaries_on:
+            self._open_writer(purge_step=self.train_op.step + 1 if restored is not None else None)
+        if _collections.get_collection(GraphKeys.QUEUE_RUNNERS):
+            from torchslim import queues
+
+            self._queue_runners = queues.QueueRunners()
+            self.coordinator = self._queue_runners.__enter__()
+        if self.replica is not None:
+            self.replica.before_training(self)
+        self._last_summary = (self.train_op.step, time.monotonic())
+        self._started = True
+
+    def _open_writer(self, purge_step: int | None) -> None:
+        from torchslim import summaries
+
+        if self._writer_arg is None:
+            self.writer = summaries.SummaryWriter(self.logdir, purge_step=purge_step)
+            self._owns_writer = True
+        else:
+            self.writer = self._writer_arg
+            self._owns_writer = False
+
+    def batches(self) -> Iterator[Any]:
+        """The iterator of batches the loop takes from (the train op's no-batch marker when data is None)."""
+        if self.data is None:
+            from torchslim.learning import _NO_BATCH
+
+            return itertools.repeat(_NO_BATCH)
+        return iter(self.data)
+
+    # -- running -------------------------------------------------------------
+    def should_stop(self, number_of_steps: int | None = None) -> bool:
+        """True once the global step reached ``number_of_steps``; re-raises a queue runner's error."""
+        coord = self.coordinator
+        if coord is not None and coord.should_stop():
+            coord.raise_requested_exception()
+            return True
+        if self.replica is not None and self.replica.should_stop():
+            return True
+        return number_of_steps is not None and self.train_op.step >= number_of_steps
+
+    def after_step(self, loss: torch.Tensor) -> None:
+        """Writes summaries and checkpoints that are due after the step just taken."""
+        op = self.train_op
+        if op.record_summaries:
+            self.write_summaries(loss)
+        trigger = self.save_trigger
+        if trigger is not None and trigger(op.step):
+            self.save(block=False)
+
+    def write_summaries(self, loss: torch.Tensor | None) -> None:
+        op = self.train_op
+        step = op.step
+        if self.summary_op is None:
+            records = _collections.get_collection(GraphKeys.SUMMARIES) + op.last_step.get(GraphKeys.SUMMARIES, [])
+            if loss is not None:
+                self.writer.add_scalar("losses/total_loss", loss, step)
+            for i, group in enumerate(op.optimizer.param_groups):
+                lr = group.get("lr")
+                if lr is not None:
+                    self.writer.add_scalar("learning_rate" if i == 0 else f"learning_rate/group_{i}", lr, step)
+            now = time.monotonic()
+            if self._last_summary is not None and now > self._last_summary[1] and step > self._last_summary[0]:
+                self.writer.add_scalar("global_step/sec", (step - self._last_summary[0]) / (now - self._last_summary[1]), step)
+            self._last_summary = (step, now)
+        else:
+            records = list(self.summary_op)
+        self.writer.write(step, records)
+
+    def save(self, block: bool = True) -> str | None:
+        """Checkpoints the current state now (chief only); off-thread unless ``block``."""
+        if self.saver is None or not self.is_chief or self.logdir is None:
+            return None
+        step = self.train_op.step
+        if step == self._last_saved_step:
+            self.saver.wait()
+            return self.saver.checkpoint_path(self.logdir, step)
+        state = _checkpoint.snapshot(self.state_dict())
+        self._last_saved_step = step
+        if block:
+            return self.saver.save(self.logdir, state, step)
+        self.saver.save_async(self.logdir, state, step)
+        return None
+
+    def finish(self) -> None:
+        """A clean end: the final checkpoint (TF-Slim: 'Finished training! Saving model to disk.')."""
+        if self.logdir is not None and self.is_chief:
+            logger.info("Finished training! Saving model to disk.")
+            self.save(block=True)
+        if self._summaries_on and self.writer is not None:
+            self.writer.flush()
+
+    # -- stop ----------------------------------------------------------------
+    def stop(self) -> None:
+        errors: list[BaseException] = []
+        for action in (self._stop_queue_runners, self._close_writer, self._close_saver, self._close_replica):
+            try:
+                action()
+            except BaseException as e:  # keep stopping the rest; report the first
+                errors.append(e)
+        if errors:
+            raise errors[0]
+
+    def _stop_queue_runners(self) -> None:
+        if self._queue_runners is not None:
+            qr, self._queue_runners = self._queue_runners, None
+            qr.__exit__(None, None, None)
+
+    def _close_writer(self) -> None:
+        if self.writer is not None and getattr(self, "_owns_writer", False):
+            self.writer.close()
+        self.writer = None
+
+    def _close_saver(self) -> None:
+        if self.saver is not None:
+            self.saver.close()
+
+    def _close_replica(self) -> None:
+        if self.replica is not None:
+            self.replica.close()
+
+    def __enter__(self) -> "Supervisor":
+        self.start()
+        return self
+
+    def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
+        if exc is not None:
+            try:
+                self.stop()
+            except BaseException as e:
+                logger.warning("While stopping after an error: %r", e)
+            return
+        self.stop()
