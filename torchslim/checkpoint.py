@@ -339,6 +339,7 @@ class Saver:
         if self._loaded_dir == logdir:
             return
         index = read_index(logdir)
+        self._remove_stale_temporaries(logdir)
         kept = [e for e in index.get("kept", []) if os.path.exists(os.path.join(logdir, e["file"]))]
         kept_files = {e["file"] for e in kept}
         known = {e["file"]: e for e in index.get("recent", [])}
@@ -352,6 +353,15 @@ class Saver:
         self._recent, self._kept = recent, kept
         self._last_preserved = index.get("last_preserved_time")
         self._loaded_dir = logdir
+
+    def _remove_stale_temporaries(self, logdir: str) -> None:
+        # Left by a process killed mid-save; this saver is the only writer of the directory.
+        for name in os.listdir(logdir):
+            if name.startswith((f".tmp-{self.prefix}-", f".tmp-{INDEX_FILE}-")):
+                try:
+                    os.unlink(os.path.join(logdir, name))
+                except FileNotFoundError:
+                    pass
 
     def _write_index(self, logdir: str) -> None:
         latest = max(self._recent + self._kept, key=lambda e: e["step"], default=None)
