@@ -178,17 +178,24 @@ class Supervisor:
             logger.info("Restored %s (global step %d)", self.restored_from, self.train_op.step)
         elif self.init_fn is not None:
             self.init_fn()
-        if self.replica is not None:
-            self.replica.after_restore(self)
-        if self._summaries_on:
-            self._open_writer(purge_step=self.train_op.step + 1 if restored is not None else None)
-        if _collections.get_collection(GraphKeys.QUEUE_RUNNERS):
-            from torchslim import queues
+        try:
+            if self.replica is not None:
+                self.replica.after_restore(self)
+            if self._summaries_on:
+                self._open_writer(purge_step=self.train_op.step + 1 if restored is not None else None)
+            if _collections.get_collection(GraphKeys.QUEUE_RUNNERS):
+                from torchslim import queues
 
-            self._queue_runners = queues.QueueRunners()
-            self.coordinator = self._queue_runners.__enter__()
-        if self.replica is not None:
-            self.replica.before_training(self)
+                self._queue_runners = queues.QueueRunners(ignore_live_threads=self.ignore_live_threads)
+                self.coordinator = self._queue_runners.__enter__()
+            if self.replica is not None:
+                self.replica.before_training(self)
+        except BaseException as e:
+            try:
+                self.stop(e)
+            except BaseException as again:
+                logger.warning("While stopping after an error: %r", again)
+            raise
         self._last_summary = (self.train_op.step, time.monotonic())
         self._started = True
 
@@ -273,20 +280,24 @@ class Supervisor:
             self.writer.flush()
 
     # -- stop ----------------------------------------------------------------
-    def stop(self) -> None:
+    def stop(self, error: BaseException | None = None) -> None:
+        """Stops queue runners, closes writers, waits for saves; ``error`` is the exception in flight, if any."""
         errors: list[BaseException] = []
         for action in (self._stop_queue_runners, self._close_writer, self._close_saver, self._close_replica):
             try:
-                action()
+                action(error) if action is self._stop_queue_runners else action()
             except BaseException as e:  # keep stopping the rest; report the first
                 errors.append(e)
         if errors:
             raise errors[0]
 
-    def _stop_queue_runners(self) -> None:
+    def _stop_queue_runners(self, error: BaseException | None = None) -> None:
         if self._queue_runners is not None:
             qr, self._queue_runners = self._queue_runners, None
-            qr.__exit__(None, None, None)
+            if error is None:
+                qr.__exit__(None, None, None)
+            else:
+                qr.__exit__(type(error), error, error.__traceback__)
 
     def _close_writer(self) -> None:
         if self.writer is not None and getattr(self, "_owns_writer", False):
@@ -308,7 +319,7 @@ class Supervisor:
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:
         if exc is not None:
             try:
-                self.stop()
+                self.stop(exc)
             except BaseException as e:
                 logger.warning("While stopping after an error: %r", e)
             return
