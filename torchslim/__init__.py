@@ -38,6 +38,13 @@ _ATTRIBUTES = {
     "SyncReplicasOptimizer": "distributed",
     "GraphKeys": "collections",
     "batch_norm": "layers",
+    "l1_regularizer": "layers",
+    "l2_regularizer": "layers",
+    "l1_l2_regularizer": "layers",
+    "get_variables_to_restore": "variables",
+    "get_model_variables": "variables",
+    "assign_from_checkpoint_fn": "variables",
+    "create_train_op": "learning",
 }
 
 
