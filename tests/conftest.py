@@ -7,6 +7,13 @@ import pytest
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+def pytest_configure(config):
+    # One intra-op thread: small CPU tensors run faster and more deterministically on a busy 2-core machine.
+    import torch
+
+    torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_collections():
     """Every test starts with an empty default registry, as TF tests start with a new graph."""

@@ -101,6 +101,7 @@ def modules_of(*callables: Any) -> dict[str, torch.nn.Module]:
                 n += 1
                 key = f"{name}_{n}"
             result[key] = m
+    del visit  # the closure refers to itself; without this the models stay alive until a GC pass
     return result
 
 

@@ -72,7 +72,9 @@ class Registry:
     """
 
     def __init__(self) -> None:
-        self._lock = threading.Lock()
+        # Re-entrant: a weakref finalizer (e.g. a batch norm's update op leaving UPDATE_OPS) may run
+        # during a garbage collection that happens while this thread holds the lock.
+        self._lock = threading.RLock()
         self._collections: dict[str, list[Any]] = {}
 
     def add(self, name: str, value: Any) -> None:
@@ -84,18 +86,22 @@ class Registry:
             return list(self._collections.get(name, ()))
 
     def clear(self, name: str | None = None) -> None:
+        # Entries are dropped after the lock is released: freeing them may run finalizers that call remove().
         with self._lock:
             if name is None:
-                self._collections.clear()
+                dropped: Any = self._collections
+                self._collections = {}
             else:
-                self._collections.pop(name, None)
+                dropped = self._collections.pop(name, None)
+        del dropped
 
     def remove(self, name: str, value: Any) -> None:
         """Removes every entry of ``name`` that is ``value`` (identity)."""
         with self._lock:
             items = self._collections.get(name)
             if items:
-                items[:] = [v for v in items if v is not value]
+                self._collections[name] = [v for v in items if v is not value]
+        del items
 
     def keys(self) -> list[str]:
         with self._lock:

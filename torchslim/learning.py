@@ -48,6 +48,7 @@ from torchslim._modules import as_single_module, callable_name, modules_of
 from torchslim.collections import GraphKeys
 
 __all__ = [
+    "NO_BATCH",
     "GlobalStep",
     "get_or_create_global_step",
     "get_global_step",
@@ -71,7 +72,15 @@ class _UseDefault:
 
 _USE_DEFAULT: Any = _UseDefault()
 _USE_GLOBAL_STEP: Any = _UseDefault()
-_NO_BATCH: Any = object()
+
+
+class _NoBatch:
+    def __repr__(self) -> str:
+        return "NO_BATCH"
+
+
+NO_BATCH: Any = _NoBatch()
+"""What train() passes for each step when it has no data: the train op then calls total_loss()."""
 
 
 class NumericsError(FloatingPointError):
@@ -301,11 +310,11 @@ class TrainOp:
         """The current global step (0 when the op counts none)."""
         return self.global_step.value if self.global_step is not None else 0
 
-    def __call__(self, batch: Any = _NO_BATCH) -> torch.Tensor:
+    def __call__(self, batch: Any = NO_BATCH) -> torch.Tensor:
         entries: dict[str, list[Any]] = {}
         token = _collections._step.set(entries)
         try:
-            loss = self.total_loss() if batch is _NO_BATCH else self.total_loss(batch)
+            loss = self.total_loss() if batch is NO_BATCH else self.total_loss(batch)
             if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
                 raise ValueError(
                     f"total_loss must return a scalar tensor, got "
@@ -582,7 +591,7 @@ def train_step(train_op: TrainOp, batch: Any, global_step: GlobalStep | None, tr
         >>> net = torch.nn.Linear(1, 1)
         >>> op = create_train_op(lambda: net(torch.ones(1, 1)).pow(2).sum(),
         ...                      torch.optim.SGD(net.parameters(), lr=0.1), global_step=GlobalStep(), model=net)
-        >>> loss, stop = train_step(op, _NO_BATCH, op.global_step, {'number_of_steps': 1})
+        >>> loss, stop = train_step(op, NO_BATCH, op.global_step, {'number_of_steps': 1})
         >>> stop
         True
     """
@@ -638,6 +647,10 @@ def _check_train_args(
         raise ValueError("sync_optimizer must be None, a SyncReplicasOptimizer or a non-empty list of them, got []")
     if sync_optimizer is not None and startup_delay_steps > 0:
         raise ValueError("startup_delay_steps must be zero when sync_optimizer is supplied.")
+    if number_of_steps is not None and train_op.global_step is None:
+        raise ValueError(
+            "number_of_steps needs a train op that counts steps; create_train_op was given global_step=None"
+        )
     if number_of_steps is not None and (isinstance(number_of_steps, bool) or not isinstance(number_of_steps, int) or number_of_steps <= 0):
         raise ValueError(f"`number_of_steps` must be either None or a positive number, got {number_of_steps!r}")
     for name, value in (

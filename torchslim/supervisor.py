@@ -212,9 +212,9 @@ class Supervisor:
     def batches(self) -> Iterator[Any]:
         """The iterator of batches the loop takes from (the train op's no-batch marker when data is None)."""
         if self.data is None:
-            from torchslim.learning import _NO_BATCH
+            from torchslim.learning import NO_BATCH
 
-            return itertools.repeat(_NO_BATCH)
+            return itertools.repeat(NO_BATCH)
         return iter(self.data)
 
     # -- running -------------------------------------------------------------
