@@ -95,7 +95,9 @@ def modules_of(*callables: Any) -> dict[str, torch.nn.Module]:
                 nested.add(id(child))
     result: dict[str, torch.nn.Module] = {}
     for name, m in modules:
-        if id(m) not in nested:
+        # Stateless modules (a CrossEntropyLoss, a ReLU) hold nothing to save; leaving them out keeps the
+        # checkpoint's names the same whichever callable (train or eval) the modules were found from.
+        if id(m) not in nested and next(iter(m.state_dict()), None) is not None:
             key, n = name, 1
             while key in result:
                 n += 1

@@ -221,9 +221,11 @@ def in_step_scope() -> bool:
     return _step.get() is not None
 
 
-@contextlib.contextmanager
-def step_scope() -> Iterator[dict[str, list[Any]]]:
-    """Opens a per-step scope; yields the dict of this step's collections.
+class step_scope:
+    """Opens a per-step scope; ``with step_scope() as step`` gives the dict of this step's collections.
+
+    A small class rather than a generator-based context manager: it runs on
+    every training and evaluation step.
 
     Example:
         >>> with step_scope() as step:
@@ -231,9 +233,15 @@ def step_scope() -> Iterator[dict[str, list[Any]]]:
         >>> step
         {'losses': [1.0]}
     """
-    entries: dict[str, list[Any]] = {}
-    token = _step.set(entries)
-    try:
-        yield entries
-    finally:
-        _step.reset(token)
+
+    __slots__ = ("entries", "_token")
+
+    def __init__(self) -> None:
+        self.entries: dict[str, list[Any]] = {}
+
+    def __enter__(self) -> dict[str, list[Any]]:
+        self._token = _step.set(self.entries)
+        return self.entries
+
+    def __exit__(self, *exc: Any) -> None:
+        _step.reset(self._token)
