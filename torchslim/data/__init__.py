@@ -161,3 +161,13 @@ def make_resumable(data: Any) -> Any:
     if is_one_shot(data):
         return data
     return ResumableIterable(data, num_epochs=1)
+
+
+def __getattr__(name: str) -> Any:
+    if name == "digits":  # the shipped data set, imported on first use
+        import importlib
+
+        module = importlib.import_module(f"{__name__}.digits")
+        globals()[name] = module
+        return module
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
