@@ -1,0 +1,707 @@
+"""Tests for torchslim.summaries: written with TensorBoard's writer, read back with its reader."""
+from __future__ import annotations
+
+import glob
+import io
+import json
+import logging
+import os
+import threading
+
+import numpy as np
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from torchslim import collections
+from torchslim import summaries
+from torchslim.collections import GraphKeys
+
+
+def read_events(logdir: str) -> EventAccumulator:
+    acc = EventAccumulator(logdir, size_guidance={"scalars": 0, "histograms": 0, "images": 0, "tensors": 0})
+    acc.Reload()
+    return acc
+
+
+def scalar_series(acc: EventAccumulator, tag: str) -> list[tuple[int, float]]:
+    return [(e.step, e.value) for e in acc.Scalars(tag)]
+
+
+def decode_png(data: bytes) -> np.ndarray:
+    Image = pytest.importorskip("PIL.Image")
+    return np.asarray(Image.open(io.BytesIO(data)))
+
+
+# ------------------------------------------------------------- TF-Slim's summaries_test, ported
+@pytest.mark.parametrize("print_summary", [False, True])
+def test_scalar_summary_is_part_of_collection(print_summary):
+    tensor = torch.ones([]) * 3
+    record = summaries.add_scalar_summary(tensor, "my_score", "eval", print_summary=print_summary)
+    assert any(r is record for r in collections.get_collection(GraphKeys.SUMMARIES))
+    assert record.tag == "eval/my_score"
+
+
+@pytest.mark.parametrize("print_summary", [False, True])
+def test_scalar_summary_is_written(tmp_path, print_summary, caplog):
+    value = 3
+    tensor = torch.ones([]) * value
+    summaries.add_scalar_summary(tensor, "my_score", "eval", print_summary)
+    with caplog.at_level(logging.INFO, logger="torchslim"):
+        with summaries.SummaryWriter(str(tmp_path)) as writer:
+            writer.write(1)
+    # One event file, holding the value under prefix/name.
+    assert len(glob.glob(os.path.join(str(tmp_path), "*"))) == 1
+    assert scalar_series(read_events(str(tmp_path)), "eval/my_score") == [(1, pytest.approx(value))]
+    printed = [r.getMessage() for r in caplog.records if r.name == "torchslim"]
+    assert printed == (["eval/my_score: 3.0"] if print_summary else [])
+
+
+def test_scalar_summary_scope_filters_by_tag():
+    summaries.add_scalar_summary(torch.tensor(1.0), "a", prefix="eval")
+    summaries.add_scalar_summary(torch.tensor(2.0), "b", prefix="train")
+    assert [r.tag for r in collections.get_collection(GraphKeys.SUMMARIES, scope="eval")] == ["eval/a"]
+
+
+# ----------------------------------------------------------------------- names
+def test_names_are_composed_as_tf_slim_composes_them():
+    t = torch.zeros(2, 2)
+    assert summaries.add_scalar_summary(torch.tensor(1.0), "loss").tag == "loss"
+    assert summaries.add_scalar_summary(torch.tensor(1.0), "loss", prefix="eval").tag == "eval/loss"
+    assert summaries.add_scalar_summary(torch.tensor(1.0), "loss", prefix="").tag == "loss"
+    assert summaries.add_histogram_summary(t, "w", prefix="p").tag == "p/w"
+    assert summaries.add_zero_fraction_summary(t, "relu").tag == "relu/Fraction_of_Zero_Values"
+    assert summaries.add_zero_fraction_summary(t, "relu", "sp").tag == "sp/relu/Fraction_of_Zero_Values"
+    assert summaries.add_image_summary(torch.zeros(1, 5, 5, 3), "img", "in").tag == "in/img"
+
+
+def test_plural_forms_take_modules_pairs_dicts_and_lists():
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    tags = [r.tag for r in summaries.add_histogram_summaries(net, prefix="weights")]
+    assert tags == ["weights/0.weight", "weights/0.bias", "weights/2.weight", "weights/2.bias"]
+    tags = [r.tag for r in summaries.add_zero_fraction_summaries(net.named_parameters())]
+    assert tags == [f"{n}/Fraction_of_Zero_Values" for n, _ in net.named_parameters()]
+    tags = [r.tag for r in summaries.add_scalar_summaries({"a": torch.tensor(1.0), "b": torch.tensor(2.0)}, "s")]
+    assert tags == ["s/a", "s/b"]
+    tags = [r.tag for r in summaries.add_image_summaries([("x", torch.rand(2, 3, 6, 6))])]
+    assert tags == ["x"]
+    assert len(collections.get_collection(GraphKeys.SUMMARIES)) == 4 + 4 + 2 + 1
+
+
+def test_unnamed_parameter_takes_its_name_from_registered_model():
+    net = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    collections.add_to_collection(GraphKeys.MODEL_VARIABLES, net)
+    assert summaries.add_histogram_summary(net[1].weight).tag == "1.weight"
+    assert summaries.add_histogram_summary(net[0].bias.data, prefix="p").tag == "p/0.bias"  # same memory
+    tags = [r.tag for r in summaries.add_histogram_summaries([net[0].weight, net[1].bias])]
+    assert tags == ["0.weight", "1.bias"]
+    assert summaries.add_zero_fraction_summary(net[0].weight).tag == "0.weight/Fraction_of_Zero_Values"
+
+
+def test_unnamed_tensor_asks_for_a_name():
+    with pytest.raises(ValueError, match="argument 'name' is required"):
+        summaries.add_scalar_summary(torch.tensor(1.0))
+    other = torch.nn.Linear(2, 2)  # not registered
+    with pytest.raises(ValueError, match="name"):
+        summaries.add_histogram_summaries([other.weight])
+    assert collections.get_collection(GraphKeys.SUMMARIES) == []
+
+
+# ------------------------------------------------------------------ bad input
+@pytest.mark.parametrize(
+    "call, match",
+    [
+        (lambda: summaries.add_scalar_summary(3.0, "x"), "argument 'tensor' must be a torch.Tensor"),
+        (lambda: summaries.add_histogram_summary([1, 2], "x"), "argument 'tensor' must be a torch.Tensor"),
+        (lambda: summaries.add_scalar_summary(torch.tensor(1.0), ""), "argument 'name' must be a non-empty string"),
+        (lambda: summaries.add_histogram_summary(torch.ones(2), name=""), "argument 'name'"),
+        (lambda: summaries.add_scalar_summary(torch.tensor(1.0), 5), "argument 'name' must be a string"),
+        (lambda: summaries.add_scalar_summary(torch.tensor(1.0), "x", prefix=3), "argument 'prefix'"),
+        (lambda: summaries.add_scalar_summary(torch.ones(3), "x"), r"exactly one value .* shape \(3,\)"),
+        (lambda: summaries.add_histogram_summary(torch.ones(0), "x"), "no element"),
+        (lambda: summaries.add_histogram_summary(torch.ones(2, dtype=torch.complex64), "x"), "must be real"),
+        (lambda: summaries.add_image_summary(torch.rand(8, 8, 3), "x"), r"rank 4 .* got rank 3"),
+        (lambda: summaries.add_image_summary(torch.rand(2, 5, 8, 8), "x"), "channel dimension of size 1, 3 or 4"),
+        (lambda: summaries.add_image_summary(torch.rand(2, 8, 8, 3), "x", data_format="NCHW"), "8 channels"),
+        (lambda: summaries.add_image_summary(torch.rand(2, 3, 8, 4), "x"), "could be NHWC or NCHW"),
+        (lambda: summaries.add_image_summary(torch.rand(2, 3, 8, 3), "x"), "could be NHWC or NCHW"),
+        (lambda: summaries.add_image_summary(torch.rand(2, 3, 8, 4), "x", data_format="HWC"), "data_format"),
+        (lambda: summaries.add_image_summary(torch.ones(2, 8, 8, 3, dtype=torch.int32), "x"), "uint8 or floating"),
+        (lambda: summaries.add_image_summary(torch.ones(0, 8, 8, 3), "x"), "no image"),
+        (lambda: summaries.add_histogram_summaries(torch.ones(3)), "got a single tensor"),
+        (lambda: summaries.add_histogram_summaries("weights"), "argument 'tensors'"),
+        (lambda: summaries.add_histogram_summaries([("w", torch.ones(2)), 7]), "item 1 of argument 'tensors'"),
+        (lambda: summaries.add_gradient_summaries([(torch.ones(1), "w")]), "item 0 of argument 'named_grads'"),
+        (lambda: summaries.add_gradient_summaries(torch.ones(2)), "argument 'named_grads'"),
+    ],
+)
+def test_bad_input_is_rejected_before_recording(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+    assert collections.get_collection(GraphKeys.SUMMARIES) == []
+
+
+def test_writer_rejects_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="argument 'logdir'"):
+        summaries.SummaryWriter("")
+    with pytest.raises(ValueError, match="argument 'purge_step'"):
+        summaries.SummaryWriter(str(tmp_path), purge_step=-1)
+    with summaries.SummaryWriter(str(tmp_path)) as writer:
+        with pytest.raises(ValueError, match="argument 'step'"):
+            writer.write(-1)
+        with pytest.raises(ValueError, match="argument 'step'"):
+            writer.write(1.5)
+        with pytest.raises(ValueError, match="argument 'records' must be a list"):
+            writer.write(1, records=summaries.add_scalar_summary(torch.tensor(1.0), "x"))
+        with pytest.raises(ValueError, match="item 0 must be a SummaryRecord"):
+            writer.write(1, records=["loss"])
+        with pytest.raises(ValueError, match="argument 'value'"):
+            writer.add_scalar("x", "1.0", 1)
+        with pytest.raises(ValueError, match="argument 'value'"):
+            writer.add_scalar("x", torch.ones(2), 1)
+        with pytest.raises(ValueError, match="argument 'tag'"):
+            writer.add_scalar("", 1.0, 1)
+    with pytest.raises(ValueError, match="is closed"):
+        writer.write(2)
+
+
+# ------------------------------------------------------- round trip through TensorBoard's reader
+@pytest.mark.parametrize("asynchronous", [True, False])
+def test_every_kind_reads_back_with_exact_values(tmp_path, asynchronous):
+    logdir = str(tmp_path)
+    torch.manual_seed(0)
+    weights = torch.randn(7, 5)
+    sparse = torch.tensor([0.0, 1.0, 0.0, 2.0, 0.0, 0.0, 3.0])  # 4 zeros of 7
+    images_nhwc = torch.rand(4, 6, 9, 3)  # 4 images: only the first 3 are written, as TF does
+    gray_u8 = torch.randint(0, 256, (1, 1, 5, 7), dtype=torch.uint8)  # NCHW, one channel
+    summaries.add_scalar_summary(torch.tensor(2.5), "lr")
+    summaries.add_histogram_summary(weights, "w", prefix="model")
+    summaries.add_zero_fraction_summary(sparse, "act")
+    summaries.add_image_summary(images_nhwc, "rgb")
+    summaries.add_image_summary(gray_u8, "gray")
+    with summaries.SummaryWriter(logdir, asynchronous=asynchronous) as writer:
+        writer.write(step=7)
+        writer.add_scalar("global_step/sec", 12.5, 7)
+        writer.add_scalar("loss_tensor", torch.tensor(0.25), 7)
+
+    acc = read_events(logdir)
+    assert scalar_series(acc, "lr") == [(7, 2.5)]
+    assert scalar_series(acc, "global_step/sec") == [(7, 12.5)]
+    assert scalar_series(acc, "loss_tensor") == [(7, 0.25)]
+    assert scalar_series(acc, "act/Fraction_of_Zero_Values") == [(7, pytest.approx(4 / 7))]
+    (h,) = acc.Histograms("model/w")
+    assert h.step == 7
+    assert h.histogram_value.num == weights.numel()
+    assert h.histogram_value.min == pytest.approx(weights.min().item())
+    assert h.histogram_value.max == pytest.approx(weights.max().item())
+    assert h.histogram_value.sum == pytest.approx(weights.sum().item(), abs=1e-5)
+    assert sum(h.histogram_value.bucket) == weights.numel()
+    assert sorted(acc.Tags()["images"]) == ["gray/image/0", "rgb/image/0", "rgb/image/1", "rgb/image/2"]
+    for i in range(3):
+        (img,) = acc.Images(f"rgb/image/{i}")
+        assert (img.step, img.width, img.height) == (7, 9, 6)
+        expected = (images_nhwc[i] * 255).round().to(torch.uint8).numpy()
+        np.testing.assert_array_equal(decode_png(img.encoded_image_string), expected)
+    (img,) = acc.Images("gray/image/0")
+    assert (img.width, img.height) == (7, 5)
+    np.testing.assert_array_equal(decode_png(img.encoded_image_string), gray_u8[0, 0].numpy())
+
+
+def test_nchw_and_nhwc_float_and_uint8_write_the_same_image():
+    nhwc = torch.randint(0, 256, (2, 5, 6, 3), dtype=torch.uint8)
+    records = [
+        summaries.add_image_summary(nhwc, "a"),
+        summaries.add_image_summary(nhwc.permute(0, 3, 1, 2), "b"),
+        summaries.add_image_summary(nhwc.float() / 255, "c"),
+        summaries.add_image_summary(nhwc.permute(0, 3, 1, 2).double() / 255, "d", data_format="NCHW"),
+    ]
+    values = [v for _, kind, v in summaries.evaluate_summaries(records)]
+    for v in values:
+        np.testing.assert_array_equal(v, nhwc.numpy())
+
+
+def test_float_images_outside_unit_range_are_clipped():
+    (rec,) = [summaries.add_image_summary(torch.tensor([-1.0, 0.5, 2.0]).reshape(1, 1, 3, 1), "x", data_format="NHWC")]
+    (_, _, v), = summaries.evaluate_summaries([rec])
+    assert v.reshape(-1).tolist() == [0, 128, 255]
+
+
+def test_evaluate_summaries_defaults_to_the_collection():
+    summaries.add_scalar_summary(torch.tensor(1.5), "a")
+    summaries.add_zero_fraction_summary(torch.tensor([0, 0, 1, 0]), "z")
+    summaries.add_histogram_summary(torch.arange(6).reshape(2, 3), "h")
+    (a, z, h) = summaries.evaluate_summaries()
+    assert a == ("a", "scalar", 1.5)
+    assert z == ("z/Fraction_of_Zero_Values", "scalar", 0.75)
+    assert h[:2] == ("h", "histogram") and h[2].tolist() == [0, 1, 2, 3, 4, 5]
+
+
+# ------------------------------------------------------------------------ semantics
+def test_setup_summary_follows_the_live_tensor(tmp_path):
+    """A histogram added once at set-up shows the parameter's value at each write."""
+    net = torch.nn.Linear(4, 3)
+    summaries.add_histogram_summaries(net)
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    with summaries.SummaryWriter(str(tmp_path)) as writer:
+        for step in range(1, 4):
+            with torch.no_grad():
+                net.weight.fill_(float(step))  # in place, as an optimizer updates
+            opt.zero_grad()
+            net(torch.ones(2, 4)).sum().backward()
+            opt.step()  # bias changes by -0.5 * 2 each step
+            writer.write(step)
+            expected_bias_sum = net.bias.sum().item()
+            writer.flush()
+            bias_hist = read_events(str(tmp_path)).Histograms("bias")[-1]
+            assert bias_hist.step == step
+            assert bias_hist.histogram_value.sum == pytest.approx(expected_bias_sum, abs=1e-5)
+    hist = read_events(str(tmp_path)).Histograms("weight")
+    assert [(h.step, h.histogram_value.min, h.histogram_value.max) for h in hist] == [
+        (1, 1.0 - 1.0, 1.0 - 1.0),  # weight filled with 1, then SGD: 1 - 0.5 * 2 = 0
+        (2, 1.0, 1.0),
+        (3, 2.0, 2.0),
+    ]
+
+
+def test_step_summary_records_that_steps_value(tmp_path):
+    """A summary added inside total_loss (inside the step scope) writes that step's value."""
+    losses = {}
+    with summaries.SummaryWriter(str(tmp_path)) as writer:
+        for step in range(1, 6):
+            with collections.step_scope():
+                loss = torch.tensor(float(step) ** 2)
+                summaries.add_scalar_summary(loss, "total_loss")
+                losses[step] = loss.item()
+                if step % 2 == 1:
+                    writer.write(step)
+            assert collections.get_collection(GraphKeys.SUMMARIES) == []
+    assert scalar_series(read_events(str(tmp_path)), "total_loss") == [(1, 1.0), (3, 9.0), (5, 25.0)]
+
+
+def test_recording_keeps_a_detached_view_and_copies_nothing():
+    p = torch.nn.Parameter(torch.randn(16))
+    y = p * 2
+    rec = summaries.add_histogram_summary(y, "y")
+    assert not rec.tensor.requires_grad and rec.tensor.grad_fn is None
+    assert rec.tensor.data_ptr() == y.data_ptr()  # same memory: nothing copied, nothing read
+    rec = summaries.add_scalar_summary(p[0], "p0")
+    assert rec.tensor.data_ptr() == p.data_ptr()
+
+
+def test_write_snapshots_values_at_call_time(tmp_path):
+    """Values are read when write() is called, not later in the background thread."""
+    t = torch.zeros(100)
+    summaries.add_histogram_summary(t, "t")
+    summaries.add_scalar_summary(t[0], "t0")
+    with summaries.SummaryWriter(str(tmp_path)) as writer:
+        for step in range(1, 21):
+            t.fill_(float(step))
+            writer.write(step)
+    acc = read_events(str(tmp_path))
+    assert scalar_series(acc, "t0") == [(s, float(s)) for s in range(1, 21)]
+    assert [(h.step, h.histogram_value.min, h.histogram_value.max) for h in acc.Histograms("t")] == [
+        (s, float(s), float(s)) for s in range(1, 21)
+    ]
+
+
+def test_print_summary_logs_when_written_not_when_recorded(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="torchslim"):
+        summaries.add_scalar_summary(torch.tensor(0.5), "acc", print_summary=True)
+        summaries.add_zero_fraction_summary(torch.tensor([0.0, 1.0]), "z", print_summary=True)
+        summaries.add_image_summary(torch.zeros(1, 2, 2, 1), "img", print_summary=True)
+        summaries.add_scalar_summary(torch.tensor(9.0), "quiet")
+        assert [r for r in caplog.records if r.name == "torchslim"] == []
+        with summaries.SummaryWriter(str(tmp_path), asynchronous=False) as writer:
+            writer.write(3)
+    messages = [r.getMessage() for r in caplog.records if r.name == "torchslim"]
+    assert messages[:2] == ["acc: 0.5", "z/Fraction_of_Zero_Values: 0.5"]
+    assert messages[2].startswith("img: uint8 images of shape [1, 2, 2, 1]")
+    assert len(messages) == 3
+
+
+def test_gradient_summaries_tags_and_values(tmp_path, caplog):
+    net = torch.nn.Linear(3, 2)
+    frozen = torch.nn.Parameter(torch.ones(2))
+    net(torch.arange(6.0).reshape(2, 3)).pow(2).sum().backward()
+    with caplog.at_level(logging.INFO, logger="torchslim"), collections.step_scope():
+        named = [(n, p.grad) for n, p in net.named_parameters()] + [("frozen", frozen.grad)]
+        records = summaries.add_gradient_summaries(named)
+        with summaries.SummaryWriter(str(tmp_path)) as writer:
+            writer.write(4)
+    assert [r.tag for r in records] == [
+        "weight/gradient", "weight/gradient_norm", "bias/gradient", "bias/gradient_norm"
+    ]
+    assert "Var frozen has no gradient" in [r.getMessage() for r in caplog.records]
+    acc = read_events(str(tmp_path))
+    for name, p in net.named_parameters():
+        assert scalar_series(acc, f"{name}/gradient_norm") == [(4, pytest.approx(p.grad.norm().item(), rel=1e-6))]
+        (h,) = acc.Histograms(f"{name}/gradient")
+        assert h.histogram_value.num == p.grad.numel()
+
+
+# ------------------------------------------------------------------- writer behaviour
+def test_background_error_is_raised_at_next_call_and_says_how_to_debug(tmp_path):
+    bad = torch.tensor([1.0, float("nan")])
+    rec = summaries.add_histogram_summary(bad, "bad")
+    writer = summaries.SummaryWriter(str(tmp_path))
+    writer.write(1, records=[rec])  # fails in the background thread
+    with pytest.raises(summaries.SummaryWriterError, match="asynchronous=False") as info:
+        writer.flush()
+    assert isinstance(info.value.__cause__, ValueError) and "'bad'" in str(info.value)
+    # The writer keeps working after the error was reported.
+    writer.add_scalar("ok", 1.0, 2)
+    writer.close()
+    assert scalar_series(read_events(str(tmp_path)), "ok") == [(2, 1.0)]
+
+
+def test_synchronous_writer_raises_on_the_calling_thread(tmp_path):
+    rec = summaries.add_histogram_summary(torch.tensor([float("inf")]), "bad")
+    with summaries.SummaryWriter(str(tmp_path), asynchronous=False) as writer:
+        with pytest.raises(ValueError, match="'bad'.*NaN or infinite"):
+            writer.write(1, records=[rec])
+
+
+def test_background_error_surfaces_at_close(tmp_path):
+    rec = summaries.add_histogram_summary(torch.tensor([float("nan")]), "bad")
+    writer = summaries.SummaryWriter(str(tmp_path))
+    writer.write(1, records=[rec])
+    with pytest.raises(summaries.SummaryWriterError):
+        writer.close()
+    writer.close()  # idempotent
+
+
+def test_flush_makes_events_readable_while_open(tmp_path):
+    with summaries.SummaryWriter(str(tmp_path)) as writer:
+        writer.add_scalar("x", 1.0, 1)
+        writer.flush()
+        assert scalar_series(read_events(str(tmp_path)), "x") == [(1, 1.0)]
+
+
+def test_writing_runs_on_a_background_thread(tmp_path):
+    seen = []
+    summaries.add_scalar_summary(torch.tensor(1.0), "x")
+
+    class Probe(logging.Handler):
+        def emit(self, record):
+            seen.append(threading.current_thread().name)
+
+    handler = Probe()
+    log = logging.getLogger("torchslim")
+    log.addHandler(handler)
+    old = log.level
+    log.setLevel(logging.INFO)
+    try:
+        summaries.add_scalar_summary(torch.tensor(2.0), "printed", print_summary=True)
+        with summaries.SummaryWriter(str(tmp_path)) as writer:
+            writer.write(1)
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(old)
+    assert seen == ["torchslim-summary-writer"]
+
+
+def test_resumed_writer_purges_rewound_steps(tmp_path):
+    """Run 1 writes steps 1..10, checkpoints at 5 and dies; run 2 resumes at 6 in the same logdir."""
+    logdir = str(tmp_path)
+    with summaries.SummaryWriter(logdir) as writer:
+        for step in range(1, 11):
+            writer.add_scalar("loss", 100.0 + step, step)
+            writer.write(step, records=[summaries.add_histogram_summary(torch.full((3,), float(step)), "h")])
+    with summaries.SummaryWriter(logdir, purge_step=6) as writer:
+        for step in range(6, 13):
+            writer.add_scalar("loss", 200.0 + step, step)
+            writer.write(step, records=[summaries.add_histogram_summary(torch.full((3,), -float(step)), "h")])
+    assert len(glob.glob(os.path.join(logdir, "events.out.tfevents.*"))) == 2
+    acc = read_events(logdir)
+    assert scalar_series(acc, "loss") == [(s, 100.0 + s) for s in range(1, 6)] + [(s, 200.0 + s) for s in range(6, 13)]
+    assert [(h.step, h.histogram_value.min) for h in acc.Histograms("h")] == (
+        [(s, float(s)) for s in range(1, 6)] + [(s, -float(s)) for s in range(6, 13)]
+    )
+
+
+def test_writer_is_usable_from_several_threads(tmp_path):
+    with summaries.SummaryWriter(str(tmp_path), max_pending=2) as writer:
+        def work(offset):
+            for i in range(25):
+                writer.add_scalar(f"t{offset}", float(i), i)
+
+        threads = [threading.Thread(target=work, args=(k,)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    acc = read_events(str(tmp_path))
+    for k in range(4):
+        assert scalar_series(acc, f"t{k}") == [(i, float(i)) for i in range(25)]
+
+
+# ------------------------------------------------------------------------ tracing
+def test_trace_step_writes_a_chrome_trace(tmp_path):
+    logdir = str(tmp_path / "logs")
+    net = torch.nn.Linear(32, 8)
+    with summaries.trace_step(logdir, 120) as path:
+        net(torch.randn(4, 32)).sum().backward()
+    assert path == os.path.join(logdir, "trace-step-000120.json")
+    assert os.listdir(logdir) == ["trace-step-000120.json"]
+    with open(path) as f:
+        trace = json.load(f)
+    names = {e.get("name", "") for e in trace["traceEvents"]}
+    assert any("addmm" in n or "linear" in n for n in names), sorted(names)[:20]
+
+
+def test_trace_step_rejects_bad_arguments(tmp_path):
+    with pytest.raises(ValueError, match="argument 'step'"):
+        with summaries.trace_step(str(tmp_path), -3):
+            pass
+    with pytest.raises(ValueError, match="argument 'logdir'"):
+        with summaries.trace_step("", 1):
+            pass
+
+
+# ------------------------------------------------------------- train() acceptance
+def _tiny_problem(seed: int = 0):
+    torch.manual_seed(seed)
+    model = torch.nn.Sequential(torch.nn.Linear(12, 8), torch.nn.ReLU(), torch.nn.Linear(8, 3))
+    g = torch.Generator().manual_seed(seed)
+    data = [(torch.randn(4, 12, generator=g), torch.randint(0, 3, (4,), generator=g)) for _ in range(5)]
+    return model, data
+
+
+def _train_kwargs(**overrides):
+    kw = dict(log_every_n_steps=0, save_summaries_secs=None, save_interval_secs=None)
+    kw.update(overrides)
+    return kw
+
+
+def test_train_writes_what_tensorboard_reads_back(tmp_path):
+    slim = pytest.importorskip("torchslim.learning")
+    import torchslim
+
+    logdir = str(tmp_path)
+    model, data = _tiny_problem()
+    summaries.add_histogram_summaries(model, prefix="weights")  # set-up: follows the live weights
+    per_step = []  # what total_loss saw at each step (step i + 1 is per_step[i])
+
+    def total_loss(batch):
+        x, y = batch
+        hidden = model[1](model[0](x))
+        loss = torch.nn.functional.cross_entropy(model[2](hidden), y)
+        summaries.add_scalar_summary(loss, "cross_entropy", prefix="losses")
+        summaries.add_zero_fraction_summary(hidden, "relu")
+        summaries.add_image_summary(x.reshape(4, 1, 3, 4).sigmoid(), "inputs", data_format="NCHW")
+        per_step.append(
+            (loss.item(), (hidden == 0).sum().item() / hidden.numel(), {n: p.detach().clone() for n, p in model.named_parameters()})
+        )
+        return loss
+
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    op = slim.create_train_op(total_loss, opt)
+    slim.train(op, logdir, data=torchslim.data.repeat(data), number_of_steps=6, **_train_kwargs(save_summaries_steps=2))
+    acc = read_events(logdir)
+    written = [2, 4, 6]
+    assert scalar_series(acc, "losses/cross_entropy") == [(s, pytest.approx(per_step[s - 1][0], rel=1e-6)) for s in written]
+    assert scalar_series(acc, "losses/total_loss") == [(s, pytest.approx(per_step[s - 1][0], rel=1e-6)) for s in written]
+    assert scalar_series(acc, "learning_rate") == [(s, pytest.approx(0.05)) for s in written]
+    assert [s for s, _ in scalar_series(acc, "global_step/sec")] == written
+    assert scalar_series(acc, "relu/Fraction_of_Zero_Values") == [
+        (s, pytest.approx(per_step[s - 1][1], abs=1e-7)) for s in written
+    ]
+    for name, p in model.named_parameters():
+        hist = acc.Histograms(f"weights/{name}")
+        assert [h.step for h in hist] == written
+        assert all(h.histogram_value.num == p.numel() for h in hist)
+    # The weights written at step s are those after step s's update, i.e. what step s + 1 saw.
+    (h4,) = [h for h in acc.Histograms("weights/0.weight") if h.step == 4]
+    after_4 = per_step[4][2]["0.weight"]
+    assert h4.histogram_value.sum == pytest.approx(after_4.sum().item(), abs=1e-4)
+    for s in written:
+        img = [e for e in acc.Images("inputs/image/0") if e.step == s]
+        assert [(e.width, e.height) for e in img] == [(4, 3)]
+    assert len(acc.Images("inputs/image/2")) == 3 and acc.Tags()["images"].count("inputs/image/3") == 0
+
+
+def test_train_gradient_summaries(tmp_path):
+    slim = pytest.importorskip("torchslim.learning")
+
+    model, data = _tiny_problem(1)
+    norms = []
+
+    def total_loss(batch):
+        x, y = batch
+        return torch.nn.functional.cross_entropy(model(x), y)
+
+    op = slim.create_train_op(total_loss, torch.optim.SGD(model.parameters(), lr=0.1), summarize_gradients=True)
+    op.after_backward.append(lambda params: norms.append([p.grad.norm().item() for p in params]))
+    slim.train(op, str(tmp_path), data=data, number_of_steps=4, **_train_kwargs(save_summaries_steps=2))
+    acc = read_events(str(tmp_path))
+    for i, (name, p) in enumerate(model.named_parameters()):
+        assert scalar_series(acc, f"{name}/gradient_norm") == [
+            (s, pytest.approx(norms[s - 1][i], rel=1e-5)) for s in (2, 4)
+        ]
+        assert [(h.step, h.histogram_value.num) for h in acc.Histograms(f"{name}/gradient")] == [
+            (2, p.numel()), (4, p.numel())
+        ]
+
+
+def test_train_not_chief_writes_no_summary(tmp_path):
+    slim = pytest.importorskip("torchslim.learning")
+
+    model, data = _tiny_problem()
+    summaries.add_histogram_summaries(model)
+    op = slim.create_train_op(
+        lambda b: torch.nn.functional.cross_entropy(model(b[0]), b[1]), torch.optim.SGD(model.parameters(), lr=0.1)
+    )
+    slim.train(op, str(tmp_path), data=data, number_of_steps=3, is_chief=False, **_train_kwargs(save_summaries_steps=1))
+    assert glob.glob(os.path.join(str(tmp_path), "**", "events.out.tfevents.*"), recursive=True) == []
+
+
+def test_train_resumed_from_checkpoint_appends_without_duplicates(tmp_path):
+    """Run 1 checkpoints at step 4, writes summaries up to step 6 and crashes at step 7;
+    run 2 resumes from step 4 in the same logdir. TensorBoard must show steps 1..9 once each."""
+    slim = pytest.importorskip("torchslim.learning")
+    import torchslim
+
+    logdir = str(tmp_path)
+    seen = {}
+
+    def run(crash_at, number_of_steps):
+        torchslim.collections.reset()
+        model, data = _tiny_problem()
+        op_holder = {}
+
+        def total_loss(batch):
+            step = op_holder["op"].step + 1
+            if step == crash_at:
+                raise RuntimeError("simulated crash")
+            loss = torch.nn.functional.cross_entropy(model(batch[0]), batch[1])
+            summaries.add_scalar_summary(loss, "loss")
+            seen[step] = loss.item()
+            return loss
+
+        op = slim.create_train_op(total_loss, torch.optim.SGD(model.parameters(), lr=0.1), model=model)
+        op_holder["op"] = op
+        summaries.add_histogram_summaries(model)
+        slim.train(
+            op, logdir, data=torchslim.data.repeat(data), number_of_steps=number_of_steps,
+            **_train_kwargs(save_summaries_steps=1, save_interval_steps=4),
+        )
+        return op
+
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        run(crash_at=7, number_of_steps=20)
+    first = read_events(logdir)
+    assert [s for s, _ in scalar_series(first, "loss")] == [1, 2, 3, 4, 5, 6]
+    op = run(crash_at=None, number_of_steps=9)
+    assert op.step == 9
+    acc = read_events(logdir)
+    series = scalar_series(acc, "loss")
+    assert [s for s, _ in series] == list(range(1, 10))  # increasing, nothing twice, nothing rewound
+    assert series == [(s, pytest.approx(seen[s], rel=1e-6)) for s in range(1, 10)]
+    assert [h.step for h in acc.Histograms("0.weight")] == list(range(1, 10))
+    assert [e.step for e in acc.Scalars("losses/total_loss")] == list(range(1, 10))
+
+
+def test_train_trace_every_n_steps_writes_chrome_traces(tmp_path):
+    slim = pytest.importorskip("torchslim.learning")
+
+    model, data = _tiny_problem()
+    op = slim.create_train_op(
+        lambda b: torch.nn.functional.cross_entropy(model(b[0]), b[1]), torch.optim.SGD(model.parameters(), lr=0.1)
+    )
+    slim.train(op, str(tmp_path), data=data, number_of_steps=4, trace_every_n_steps=2, **_train_kwargs())
+    traces = sorted(f for f in os.listdir(str(tmp_path)) if f.startswith("trace-step-"))
+    assert traces == ["trace-step-000002.json", "trace-step-000004.json"]
+    for name in traces:
+        with open(os.path.join(str(tmp_path), name)) as f:
+            assert json.load(f)["traceEvents"]
+
+
+# ------------------------------------------------------------------ encoding details
+def test_event_checksums_match_tensorboards_own():
+    from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import masked_crc32c
+
+    rng = np.random.default_rng(0)
+    for n in (0, 1, 7, 255, 256, 257, 1000, 4096, 10001):
+        data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
+        assert summaries._masked_crc32c(data) == masked_crc32c(data), n
+    assert summaries._crc32c(b"123456789") == 0xE3069283  # the CRC-32C check value
+
+
+def test_histogram_buckets_follow_tensorflows_definition(tmp_path):
+    values = torch.tensor([0.0, 0.0, 1.0, 1.0, 1.05, -2.0, 3e-13, 5e7], dtype=torch.float64)
+    summaries.add_histogram_summary(values, "h")
+    with summaries.SummaryWriter(str(tmp_path)) as writer:
+        writer.write(1)
+    (h,) = read_events(str(tmp_path)).Histograms("h")
+    hv = h.histogram_value
+    # TF (histogram.cc): limits +-1e-12 * 1.1**k, 0 and +-DBL_MAX; v counts in the first bucket whose limit is > v.
+    limits = summaries._LIMITS.tolist()
+    expected: dict[float, int] = {}
+    for v in values.tolist():
+        right = next(x for x in limits if x > v)
+        expected[right] = expected.get(right, 0) + 1
+    got = {lim: int(c) for lim, c in zip(hv.bucket_limit, hv.bucket) if c > 0}
+    assert got == pytest.approx(expected)
+    assert (hv.num, hv.min, hv.max, hv.sum) == (8, -2.0, 5e7, pytest.approx(values.sum().item()))
+    assert hv.sum_squares == pytest.approx((values * values).sum().item())
+
+
+# ------------------------------------------------------------------ the writer process
+def test_writer_process_death_is_reported_and_a_new_writer_recovers(tmp_path):
+    writer = summaries.SummaryWriter(str(tmp_path / "a"))
+    if writer._worker is None:
+        writer.close()
+        pytest.skip("no writer process on this platform")
+    writer.add_scalar("x", 1.0, 1)
+    writer.flush()
+    worker = writer._worker
+    worker.proc.kill()
+    worker.proc.wait()
+    worker._reader.join(timeout=30)
+    with pytest.raises(summaries.SummaryWriterError, match="exited.*asynchronous=False"):
+        writer.write(2, records=[summaries.add_scalar_summary(torch.tensor(2.0), "y")])
+        writer.flush()
+    with pytest.raises(summaries.SummaryWriterError):
+        writer.close()
+    with summaries.SummaryWriter(str(tmp_path / "b")) as fresh:  # a new process
+        assert fresh._worker is not worker
+        fresh.add_scalar("x", 3.0, 1)
+    assert scalar_series(read_events(str(tmp_path / "a")), "x") == [(1, 1.0)]
+    assert scalar_series(read_events(str(tmp_path / "b")), "x") == [(1, 3.0)]
+
+
+@pytest.mark.slow
+def test_writer_process_ends_with_the_training_process(tmp_path, python_exe, subprocess_env):
+    """A training process that dies without close() leaves no writer process behind, and what it flushed stays."""
+    import subprocess
+    import time
+
+    code = (
+        "import os, torch\n"
+        "from torchslim import summaries\n"
+        f"w = summaries.SummaryWriter({str(tmp_path)!r})\n"
+        "w.add_scalar('loss', 0.5, 7)\n"
+        "w.write(7, records=[summaries.add_histogram_summary(torch.ones(5), 'h')])\n"
+        "w.flush()\n"
+        "print(w._worker.proc.pid if w._worker else -1, flush=True)\n"
+        "w.add_scalar('loss', 0.25, 8)\n"
+        "os._exit(0)\n"  # no close, no atexit
+    )
+    out = subprocess.run([python_exe, "-c", code], env=subprocess_env, check=True, timeout=120, capture_output=True)
+    pid = int(out.stdout.decode().split()[-1])
+    if pid > 0 and os.path.isdir("/proc"):
+
+        def running() -> bool:  # a zombie has exited and only waits for init to reap it
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+            except FileNotFoundError:
+                return False
+
+        deadline = time.monotonic() + 30
+        while running() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not running(), f"the writer process {pid} outlived the training process"
+    acc = read_events(str(tmp_path))
+    assert scalar_series(acc, "loss") == [(7, 0.5)]
+    assert [h.step for h in acc.Histograms("h")] == [7]
