@@ -746,9 +746,6 @@ def train(
     elif not isinstance(train_step_kwargs, Mapping):
         raise ValueError(f"train_step_kwargs must be a dict, got {type(train_step_kwargs).__name__}")
     kwargs = {"number_of_steps": number_of_steps, "log_every_n_steps": log_every_n_steps, **train_step_kwargs}
-    if trace_every_n_steps is not None and logdir is not None:
-        kwargs.setdefault("trace_every_n_steps", trace_every_n_steps)
-        kwargs.setdefault("logdir", str(logdir))
 
     sv = Supervisor(
         train_op,
@@ -769,6 +766,9 @@ def train(
         save_summaries_steps=save_summaries_steps,
         ignore_live_threads=ignore_live_threads,
     )
+    if trace_every_n_steps is not None and logdir is not None and sv.is_chief:  # only the chief writes files
+        kwargs.setdefault("trace_every_n_steps", trace_every_n_steps)
+        kwargs.setdefault("logdir", str(logdir))
     total_loss = None
     with sv:
         batches = sv.batches()

@@ -1,0 +1,375 @@
+"""Tests of torchslim.distributed: synchronous replicas, Hogwild workers, restarts and dead peers.
+
+The multi-process tests (marked slow) launch real processes on 127.0.0.1 with
+gloo: two replicas with a master URL, torchrun with restarts, run_hogwild.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+
+import pytest
+import torch
+import torch.distributed as dist
+
+import torchslim as slim
+from torchslim import distributed
+from torchslim.learning import GlobalStep, create_train_op
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SCRIPTS = os.path.join(HERE, "dist_scripts")
+REPLICA = os.path.join(SCRIPTS, "replica.py")
+LOGISTIC = os.path.join(SCRIPTS, "logistic.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def load_script(path: str):
+    spec = importlib.util.spec_from_file_location(os.path.splitext(os.path.basename(path))[0], path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def child_env(base: dict, **extra: str) -> dict:
+    env = dict(base)
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID"):
+        env.pop(key, None)
+    env["OMP_NUM_THREADS"] = "1"
+    env.update(extra)
+    return env
+
+
+def launch_pair(python_exe, script, args_of_rank, env, **extra_env) -> list[subprocess.Popen]:
+    return [
+        subprocess.Popen(
+            [python_exe, script, *args_of_rank(rank)],
+            env=child_env(env, RANK=str(rank), WORLD_SIZE="2", **extra_env),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for rank in range(2)
+    ]
+
+
+def finish(procs: list[subprocess.Popen], timeout: float = 60) -> list[tuple[int, str]]:
+    out = []
+    for p in procs:
+        try:
+            stdout, stderr = p.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            p.kill()
+            stdout, stderr = p.communicate()
+        out.append((p.returncode, stdout + stderr))
+    return out
+
+
+def assert_params_close(a: dict, b: dict, atol: float = 1e-5) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-5, msg=lambda m: f"{k}: {m}")
+
+
+@pytest.fixture
+def single_process_group(tmp_path):
+    """A world of one gloo replica in this process, destroyed afterwards."""
+    assert not dist.is_initialized()
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.fixture(scope="module")
+def baseline(tmp_path_factory):
+    """One process, batch 32, 50 steps: what two replicas of batch 16 must reproduce."""
+    d = tmp_path_factory.mktemp("baseline")
+    load_script(REPLICA).main(["--logdir", str(d / "log"), "--out", str(d / "out"), "--batch", "32"])
+    return torch.load(str(d / "out.rank0.pt"))
+
+
+# --------------------------------------------------------------------------- SyncReplicasOptimizer
+
+
+def test_sync_optimizer_in_one_process_is_the_wrapped_optimizer():
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(3, 2), torch.nn.Linear(3, 2)
+    b.load_state_dict(a.state_dict())
+    plain = torch.optim.SGD(a.parameters(), lr=0.1, momentum=0.9)
+    sync = slim.SyncReplicasOptimizer(torch.optim.SGD(b.parameters(), lr=0.1, momentum=0.9))
+    scheduler = torch.optim.lr_scheduler.StepLR(sync, step_size=2, gamma=0.5)
+    plain_scheduler = torch.optim.lr_scheduler.StepLR(plain, step_size=2, gamma=0.5)
+    x = torch.randn(4, 3)
+    for _ in range(5):
+        for net, opt, sch in ((a, plain, plain_scheduler), (b, sync, scheduler)):
+            opt.zero_grad()
+            net(x).pow(2).sum().backward()
+            opt.step()
+            sch.step()
+    assert_params_close(a.state_dict(), b.state_dict(), atol=0)
+    assert sync.param_groups[0]["lr"] == plain.param_groups[0]["lr"] == 0.025
+    assert sync.state_dict()["state"].keys() == plain.state_dict()["state"].keys()
+    sync.load_state_dict(plain.state_dict())  # checkpoints move between wrapped and plain optimizers
+
+
+def test_sync_optimizer_rejects_bad_arguments():
+    opt = torch.optim.SGD(torch.nn.Linear(1, 1).parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="opt must be a torch.optim.Optimizer, got str"):
+        slim.SyncReplicasOptimizer("sgd")
+    with pytest.raises(ValueError, match="already a SyncReplicasOptimizer"):
+        slim.SyncReplicasOptimizer(slim.SyncReplicasOptimizer(opt))
+    with pytest.raises(ValueError, match=r"replicas_to_aggregate must be None or an int >= 1, got 0"):
+        slim.SyncReplicasOptimizer(opt, replicas_to_aggregate=0)
+    with pytest.raises(ValueError, match=r"replicas_to_aggregate \(2\) must equal total_num_replicas \(3\)"):
+        slim.SyncReplicasOptimizer(opt, replicas_to_aggregate=2, total_num_replicas=3)
+    with pytest.raises(ValueError, match="bucket_cap_mb must be a positive number, got -1"):
+        slim.SyncReplicasOptimizer(opt, bucket_cap_mb=-1)
+
+
+def _op(net: torch.nn.Module, optimizer: torch.optim.Optimizer):
+    return create_train_op(lambda: net(torch.ones(2, 2)).sum(), optimizer, global_step=GlobalStep(), model=net)
+
+
+def test_prepare_in_one_process():
+    net = torch.nn.Linear(2, 1)
+    sync = slim.SyncReplicasOptimizer(torch.optim.SGD(net.parameters(), lr=0.1))
+    replica = distributed.prepare(_op(net, sync), sync_optimizer=sync)
+    assert (replica.is_chief, replica.rank, replica.world_size, replica.should_stop()) == (True, 0, 1, False)
+    assert distributed.prepare(_op(net, sync), sync_optimizer=[sync], is_chief=False).is_chief is False
+    # the train op may also be built from the wrapped optimizer itself
+    assert distributed.prepare(_op(net, sync.optimizer), sync_optimizer=sync).is_chief is True
+
+
+def test_prepare_rejects_bad_arguments():
+    net = torch.nn.Linear(2, 1)
+    sgd = torch.optim.SGD(net.parameters(), lr=0.1)
+    op = _op(net, sgd)
+    other = slim.SyncReplicasOptimizer(torch.optim.Adam(torch.nn.Linear(2, 1).parameters()))
+    with pytest.raises(ValueError, match="sync_optimizer wraps Adam but the train op steps another optimizer"):
+        distributed.prepare(op, sync_optimizer=other)
+    with pytest.raises(ValueError, match="must be a slim.SyncReplicasOptimizer .* got SGD"):
+        distributed.prepare(op, sync_optimizer=sgd)
+    with pytest.raises(ValueError, match="startup_delay_steps must be zero when sync_optimizer is supplied"):
+        distributed.prepare(op, sync_optimizer=slim.SyncReplicasOptimizer(sgd), startup_delay_steps=3)
+    with pytest.raises(ValueError, match="replicas_to_aggregate=2 but there are 1 replicas"):
+        distributed.prepare(op, sync_optimizer=slim.SyncReplicasOptimizer(sgd, replicas_to_aggregate=2))
+    with pytest.raises(ValueError, match="train_op must be made by create_train_op, got str"):
+        distributed.prepare("op")
+    with pytest.raises(ValueError, match="master must be '', 'tcp://host:port'"):
+        distributed.prepare(op, master="http://host:1")
+
+
+def test_initialize_arguments(monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.delenv("MASTER_ADDR", raising=False)
+    monkeypatch.delenv("TORCHELASTIC_RUN_ID", raising=False)
+    assert distributed.initialize("") is False and not dist.is_initialized()
+    with pytest.raises(ValueError, match="world_size is 2 but master is ''"):
+        distributed.initialize("", world_size=2)
+    monkeypatch.delenv("RANK", raising=False)
+    with pytest.raises(ValueError, match="needs this replica's rank and the world size"):
+        distributed.initialize("tcp://127.0.0.1:1")
+    with pytest.raises(ValueError, match="rank must be < world_size, got rank=2 and world_size=2"):
+        distributed.initialize("tcp://127.0.0.1:1", rank=2, world_size=2)
+    with pytest.raises(ValueError, match="timeout must be None or a positive number of seconds, got 0"):
+        distributed.initialize("tcp://127.0.0.1:1", rank=0, world_size=2, timeout=0)
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "soon")
+    with pytest.raises(ValueError, match=r"\$TORCHSLIM_DIST_TIMEOUT must be a number of seconds, got 'soon'"):
+        distributed.default_timeout()
+    monkeypatch.setenv(distributed.TIMEOUT_ENV, "12.5")
+    assert distributed.default_timeout() == 12.5
+
+
+def test_run_hogwild_rejects_bad_arguments():
+    with pytest.raises(ValueError, match="num_workers must be an int >= 1, got 0"):
+        distributed.run_hogwild(print, 0)
+    with pytest.raises(ValueError, match="start_method must be one of"):
+        distributed.run_hogwild(print, 2, start_method="teleport")
+    with pytest.raises(ValueError, match="fn must be a function"):
+        distributed.run_hogwild(None, 2)
+    with pytest.raises(ValueError, match="args must be a tuple"):
+        distributed.run_hogwild(print, 2, args="model")
+
+
+# --------------------------------------------------------------------------- gradient averaging, in process
+
+
+class TwoBranches(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(64, 64)
+        self.b = torch.nn.Linear(64, 64)
+        self.unused = torch.nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(torch.tanh(self.a(x)))
+
+
+def test_bucketed_averaging_keeps_gradients_and_unused_ones_stay_none(single_process_group):
+    torch.manual_seed(0)
+    net, ref = TwoBranches(), TwoBranches()
+    ref.load_state_dict(net.state_dict())
+    x = torch.randn(8, 64)
+    sync = slim.SyncReplicasOptimizer(torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9), bucket_cap_mb=0.01)
+    plain = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    op = create_train_op(lambda: net(x).pow(2).mean(), sync, global_step=GlobalStep(), model=net, clip_gradient_norm=1.0)
+    replica = distributed.prepare(op, sync_optimizer=sync)
+    # Buckets fill in reverse parameter order and close once they hold >= 0.01 MB (10486 bytes):
+    # unused.bias 16 B + unused.weight 64 B + b.bias 256 B + b.weight 16384 B closes the first;
+    # a.bias + a.weight make the second.
+    averager = sync._averager
+    names = {id(p): n for n, p in net.named_parameters()}
+    assert [[names[id(p)] for p in b.params] for b in averager.buckets] == [
+        ["unused.bias", "unused.weight", "b.bias", "b.weight"], ["a.bias", "a.weight"]]
+    for _ in range(3):
+        op()
+        plain.zero_grad()
+        loss = ref(x).pow(2).mean()
+        loss.backward()
+        slim.learning.clip_gradient_norms([(p.grad, p) for p in ref.parameters() if p.grad is not None], 1.0)
+        plain.step()
+        assert net.unused.weight.grad is None and net.unused.bias.grad is None
+    assert_params_close(net.state_dict(), ref.state_dict(), atol=1e-6)
+    replica.close()
+    assert op.after_backward == [] and sync._averager is None
+    assert all(len(p._post_accumulate_grad_hooks or {}) == 0 for p in net.parameters())
+
+
+# --------------------------------------------------------------------------- several processes
+
+
+@pytest.mark.slow
+def test_two_replicas_match_one_process_with_twice_the_batch_and_only_the_chief_writes(
+    tmp_path, baseline, python_exe, subprocess_env
+):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    chief_dir, other_dir = tmp_path / "chief", tmp_path / "other"
+    other_dir.mkdir()
+    init = f"file://{tmp_path / 'rendezvous'}"
+
+    def args(rank: int) -> list[str]:
+        logdir = chief_dir if rank == 0 else other_dir
+        return ["--logdir", str(logdir), "--out", str(tmp_path / "out"), "--master", init,
+                "--batch", "16", "--save-steps", "20", "--summary-steps", "10"]
+
+    results = finish(launch_pair(python_exe, REPLICA, args, subprocess_env))
+    for rc, log in results:
+        assert rc == 0, log
+    for rank in range(2):
+        out = torch.load(str(tmp_path / f"out.rank{rank}.pt"))
+        assert (out["step"], out["world"]) == (50, 2)
+        # Each replica started from other random weights; the chief's were broadcast. So are its buffers
+        # every step: the count the chief moves by 1 per step ends at 50 on both replicas.
+        assert_params_close(out["params"], baseline["params"])
+        assert out["params"]["3.count"] == 50
+    assert os.listdir(other_dir) == []  # the non-chief wrote nothing into its logdir
+    assert slim.checkpoint.checkpoint_step(slim.checkpoint.latest_checkpoint(str(chief_dir))) == 50
+    events = EventAccumulator(str(chief_dir))
+    events.Reload()
+    assert [e.step for e in events.Scalars("losses/total_loss")] == [10, 20, 30, 40, 50]
+
+
+@pytest.mark.slow
+def test_a_users_own_ddp_model_trains_with_the_chief_picked_by_slim(tmp_path, baseline, python_exe, subprocess_env):
+    init = f"file://{tmp_path / 'rendezvous'}"
+
+    def args(rank: int) -> list[str]:
+        return ["--logdir", str(tmp_path / "log"), "--out", str(tmp_path / "out"), "--master", init, "--ddp"]
+
+    for rc, log in finish(launch_pair(python_exe, REPLICA, args, subprocess_env)):
+        assert rc == 0, log
+    for rank in range(2):
+        params = torch.load(str(tmp_path / f"out.rank{rank}.pt"))["params"]
+        del params["3.count"]  # DDP broadcasts buffers before the forward pass, torchslim after backward
+        assert_params_close(params, {k: v for k, v in baseline["params"].items() if k != "3.count"})
+    assert slim.checkpoint.checkpoint_step(slim.checkpoint.latest_checkpoint(str(tmp_path / "log"))) == 50
+
+
+@pytest.mark.slow
+def test_hogwild_reaches_the_synchronous_loss_target(tmp_path, python_exe, subprocess_env):
+    port = free_port()
+
+    def sync_args(rank: int) -> list[str]:
+        return ["--mode", "sync", "--master", f"tcp://127.0.0.1:{port}", "--logdir", str(tmp_path / "sync"),
+                "--out", str(tmp_path / "sync.json")]
+
+    sync_procs = launch_pair(python_exe, LOGISTIC, sync_args, subprocess_env)
+    hogwild = subprocess.run(
+        # fork keeps the test fast (no second torch import per worker); spawn, the default, runs the same code.
+        [python_exe, LOGISTIC, "--mode", "hogwild", "--workers", "2", "--startup-delay", "50", "--start-method", "fork",
+         "--logdir", str(tmp_path / "hogwild"), "--out", str(tmp_path / "hogwild.json")],
+        env=child_env(subprocess_env), capture_output=True, text=True, timeout=90,
+    )
+    assert hogwild.returncode == 0, hogwild.stdout + hogwild.stderr
+    for rc, log in finish(sync_procs):
+        assert rc == 0, log
+    sync = json.loads((tmp_path / "sync.json").read_text())
+    hog = json.loads((tmp_path / "hogwild.json").read_text())
+    # TF-Slim's learning_test target for this problem: log loss < 0.015 after 300 steps.
+    assert sync["loss"] < 0.015 and hog["loss"] < 0.015, (sync, hog)
+    assert sync["checkpoint_step"] == hog["checkpoint_step"] == 300
+    chief, other = hog["workers"]
+    # One global step shared by the workers: their steps add up to number_of_steps.
+    assert chief["steps"] + other["steps"] == 300 and chief["final_step"] == 300
+    assert chief["first_step"] == 0 and other["first_step"] >= 50  # startup_delay_steps=50
+    assert other["steps"] > 0
+
+
+@pytest.mark.slow
+def test_torchrun_restarts_a_killed_worker_and_all_resume_from_the_newest_checkpoint(
+    tmp_path, baseline, python_exe, subprocess_env
+):
+    cmd = [
+        python_exe, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2", "--max-restarts", "1",
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--monitor-interval", "0.1",
+        REPLICA, "--logdir", str(tmp_path / "log"), "--out", str(tmp_path / "out"), "--batch", "16",
+        "--save-steps", "10", "--kill-rank", "1", "--kill-at-step", "25",
+    ]
+    run = subprocess.run(cmd, env=child_env(subprocess_env), capture_output=True, text=True, timeout=120)
+    log = run.stdout + run.stderr
+    assert run.returncode == 0, log
+    assert "rank 1: killing myself before step 25" in log
+    for rank in range(2):
+        out = torch.load(str(tmp_path / f"out.rank{rank}.pt"))
+        assert (out["step"], out["restarts"]) == (50, 1)
+        # Resumed from step 20 and ended where the uninterrupted run ends.
+        assert_params_close(out["params"], baseline["params"])
+    assert slim.checkpoint.checkpoint_step(slim.checkpoint.latest_checkpoint(str(tmp_path / "log"))) == 50
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("hang", [False, True], ids=["killed", "hung"])
+def test_survivor_fails_with_a_clear_error_within_the_timeout(tmp_path, python_exe, subprocess_env, hang):
+    timeout = 4
+    port = free_port()
+
+    def args(rank: int) -> list[str]:
+        extra = ["--hang"] if hang else []
+        return ["--logdir", str(tmp_path / f"log{rank}"), "--out", str(tmp_path / "out"), "--steps", "1000",
+                "--master", f"tcp://127.0.0.1:{port}", "--kill-rank", "1", "--kill-at-step", "10", *extra]
+
+    survivor, peer = launch_pair(python_exe, REPLICA, args, subprocess_env, TORCHSLIM_DIST_TIMEOUT=str(timeout))
+    try:
+        line = peer.stdout.readline()  # printed just before it dies or hangs
+        assert "before step 10" in line, line + peer.stderr.read()
+        gone = time.monotonic()
+        _, stderr = survivor.communicate(timeout=60)
+        waited = time.monotonic() - gone
+    finally:
+        if peer.poll() is None:
+            os.kill(peer.pid, signal.SIGKILL)
+        finish([peer, survivor])
+    assert survivor.returncode != 0
+    assert waited < timeout + 3, waited
+    assert "DistributedError: replica 0 of 2: the gradient all-reduce at global step 10 failed: a peer replica died" in stderr
+    assert f"The collective timeout is {timeout} s" in stderr
+    if hang:
+        assert "Timed out" in stderr
