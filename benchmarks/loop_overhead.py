@@ -36,6 +36,8 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=7)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--model", choices=["mlp", "resnet18"], default="mlp")
+    parser.add_argument("--no-check-numerics", dest="check_numerics", action="store_false",
+                        help="create the train op with check_numerics=False (default: True, the TF-Slim default)")
     args = parser.parse_args()
     logging.getLogger("torchslim").setLevel(logging.WARNING)
     device = torch.device(args.device)
@@ -77,7 +79,7 @@ def main() -> None:
             x, y = batch
             return torch.nn.functional.cross_entropy(model(x), y)
 
-        train_op = slim.learning.create_train_op(total_loss, opt)
+        train_op = slim.learning.create_train_op(total_loss, opt, check_numerics=args.check_numerics)
         logdir = tempfile.mkdtemp(dir=tmp)
 
         def loop() -> None:
@@ -96,7 +98,8 @@ def main() -> None:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     raw_sps, slim_sps = args.steps / medians["raw"], args.steps / medians["slim"]
-    print(f"model={args.model} device={device} steps={args.steps} rounds={args.rounds} threads={torch.get_num_threads()}")
+    print(f"model={args.model} device={device} steps={args.steps} rounds={args.rounds} "
+          f"threads={torch.get_num_threads()} check_numerics={args.check_numerics}")
     print(f"raw PyTorch loop : {raw_sps:9.1f} steps/sec")
     print(f"slim.learning    : {slim_sps:9.1f} steps/sec")
     print(f"ratio slim/raw   : {slim_sps / raw_sps:.3f}")

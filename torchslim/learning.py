@@ -301,8 +301,8 @@ class TrainOp:
             p for group in optimizer.param_groups for p in group["params"]
         ]
         self._multiplied = [(p, gradient_multipliers[id(p)]) for p in self._params if id(p) in gradient_multipliers]
-        self._found_inf = torch.zeros(1)
-        self._one = torch.ones(1)
+        self._found_inf: torch.Tensor | None = None  # made on the gradients' device at the first check
+        self._one: torch.Tensor | None = None
         self._fused_check = True
 
     @property
@@ -329,7 +329,7 @@ class TrainOp:
         finally:
             self.last_step = entries
             _collections._step.reset(token)
-        return loss.detach()
+        return loss  # backward has freed its graph; detaching would cost a tensor per step
 
     def _apply(self, loss: torch.Tensor) -> None:
         params = self._params
@@ -360,24 +360,32 @@ class TrainOp:
         return f"#{next(i for i, p in enumerate(self._params) if p is param)} of shape {tuple(param.shape)}"
 
     def _check_numerics(self, loss: torch.Tensor) -> None:
-        # One fused call checks every gradient (the kernel GradScaler uses) and one read of the flag
-        # syncs; math.isfinite on .item() is the cheapest check of the loss. Together ~3 us per step.
-        grads = [p.grad for p in self._params if p.grad is not None]
-        if self._fused_check and grads:
-            found = self._found_inf
-            if found.device != grads[0].device:
-                self._found_inf = found = torch.zeros(1, device=grads[0].device)
-                self._one = torch.ones(1, device=grads[0].device)
-            found.zero_()
+        # The loss: math.isfinite on .item() is the cheapest check there is (one read, no kernel).
+        # The gradients: one fused call (the kernel GradScaler uses) sets a flag if any element is
+        # NaN or Inf, and one read of the flag; about 3 us per step for a small model on a CPU.
+        if not math.isfinite(loss.item()):
+            self._raise_numerics(loss)
+        grads = [g for p in self._params if (g := p.grad) is not None]
+        if not grads:
+            return
+        found = self._found_inf
+        if found is None:
+            found = self._found_inf = torch.zeros(1, device=grads[0].device)
+            self._one = torch.ones(1, device=grads[0].device)
+        if self._fused_check:
+            # The kernel only ever sets the flag, and a set flag raises (and is cleared) below, so the
+            # flag is zero here without a zero_() per step.
             try:
                 torch._amp_foreach_non_finite_check_and_unscale_(grads, found, self._one)
-            except RuntimeError:  # mixed devices or dtypes the kernel does not take
+            except RuntimeError:  # gradients on several devices, or of a dtype the kernel does not take
                 self._fused_check = False
                 return self._check_numerics(loss)
             bad = found.item() != 0
+            if bad:
+                found.zero_()
         else:
             bad = any(not bool(torch.isfinite(g).all()) for g in grads if g.dtype.is_floating_point)
-        if bad or not math.isfinite(loss.item()):
+        if bad:
             self._raise_numerics(loss)
 
     def _raise_numerics(self, loss: torch.Tensor) -> None:
@@ -608,7 +616,7 @@ def train_step(train_op: TrainOp, batch: Any, global_step: GlobalStep | None, tr
     step = int(global_step) if global_step is not None else train_op.step
     log_every = train_step_kwargs.get("log_every_n_steps")
     if log_every and step % log_every == 0:
-        logger.info("global step %d: loss = %.4f (%.3f sec/step)", step, float(total_loss), elapsed)
+        logger.info("global step %d: loss = %.4f (%.3f sec/step)", step, total_loss.item(), elapsed)
     number_of_steps = train_step_kwargs.get("number_of_steps")
     should_stop = number_of_steps is not None and step >= number_of_steps
     return total_loss, should_stop
@@ -774,7 +782,14 @@ def train(
         batches = sv.batches()
         gs = train_op.global_step
         wants_summaries = sv.summary_due
-        while not sv.should_stop(number_of_steps):
+        # The per-step path is kept flat: the common checks inline, the rare ones behind one flag.
+        extra_stop_checks = sv.coordinator is not None or sv.replica is not None
+        after_step = sv.after_step
+        while True:
+            if number_of_steps is not None and train_op.step >= number_of_steps:
+                break
+            if extra_stop_checks and sv.should_stop(number_of_steps):
+                break
             try:
                 batch = next(batches)
             except StopIteration:
@@ -783,9 +798,9 @@ def train(
             if wants_summaries is not None:
                 train_op.record_summaries = wants_summaries(train_op.step + 1)
             total_loss, should_stop = train_step_fn(train_op, batch, gs, kwargs)
-            sv.after_step(total_loss)
+            after_step(total_loss)
             if should_stop:
                 logger.info("Stopping Training.")
                 break
         sv.finish()
-    return None if total_loss is None else float(total_loss)
+    return None if total_loss is None else total_loss.item()
