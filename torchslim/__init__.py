@@ -29,6 +29,7 @@ _SUBMODULES = (
     "model_analyzer",
     "queues",
     "summaries",
+    "supervisor",
     "triggers",
     "variables",
 )

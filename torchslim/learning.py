@@ -329,7 +329,7 @@ class TrainOp:
         finally:
             self.last_step = entries
             _collections._step.reset(token)
-        return loss  # backward has freed its graph; detaching would cost a tensor per step
+        return loss.detach()
 
     def _apply(self, loss: torch.Tensor) -> None:
         params = self._params
@@ -779,6 +779,15 @@ def train(
         kwargs.setdefault("logdir", str(logdir))
     total_loss = None
     with sv:
+        if number_of_steps is not None and train_op.step >= number_of_steps:
+            if sv.restored_from is None:
+                logger.warning(
+                    "The global step is already %d >= number_of_steps=%d with no checkpoint restored from logdir: "
+                    "nothing to train (a new program should start with slim.collections.reset() or a new GlobalStep)",
+                    train_op.step, number_of_steps,
+                )
+            else:
+                logger.info("Global step %d already reached number_of_steps=%d.", train_op.step, number_of_steps)
         batches = sv.batches()
         gs = train_op.global_step
         wants_summaries = sv.summary_due
