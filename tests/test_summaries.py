@@ -278,12 +278,12 @@ def test_step_summary_records_that_steps_value(tmp_path):
     assert scalar_series(read_events(str(tmp_path)), "total_loss") == [(1, 1.0), (3, 9.0), (5, 25.0)]
 
 
-def test_recording_keeps_a_detached_view_and_copies_nothing():
+def test_recording_keeps_the_tensor_itself_and_copies_nothing():
     p = torch.nn.Parameter(torch.randn(16))
     y = p * 2
     rec = summaries.add_histogram_summary(y, "y")
-    assert not rec.tensor.requires_grad and rec.tensor.grad_fn is None
-    assert rec.tensor.data_ptr() == y.data_ptr()  # same memory: nothing copied, nothing read
+    assert rec.tensor is y  # no copy, no detach on the step: both happen only when it is written
+    assert rec.tensor.data_ptr() == y.data_ptr()
     rec = summaries.add_scalar_summary(p[0], "p0")
     assert rec.tensor.data_ptr() == p.data_ptr()
 

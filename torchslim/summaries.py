@@ -91,7 +91,7 @@ _REDUCTIONS = (None, "zero_fraction", "norm")
 
 
 # ----------------------------------------------------------------- records
-@dataclasses.dataclass(frozen=True, eq=False)
+@dataclasses.dataclass(eq=False, slots=True)  # not frozen: a frozen init costs microseconds per step
 class SummaryRecord:
     """One summary in ``GraphKeys.SUMMARIES``: what to write, not a value.
 
@@ -218,7 +218,7 @@ def add_scalar_summary(
             f"{fn}: argument 'tensor' must hold exactly one value (a 0-d tensor), got shape {tuple(tensor.shape)}"
         )
     tag = _summary_name(fn, tensor, name, prefix)
-    return _record(SummaryRecord(tag, "scalar", tensor.detach(), print_summary=bool(print_summary)))
+    return _record(SummaryRecord(tag, "scalar", tensor, print_summary=bool(print_summary)))
 
 
 def add_histogram_summary(tensor: torch.Tensor, name: str | None = None, prefix: str | None = None) -> SummaryRecord:
@@ -237,7 +237,7 @@ def add_histogram_summary(tensor: torch.Tensor, name: str | None = None, prefix:
     if tensor.numel() == 0:
         raise ValueError(f"{fn}: argument 'tensor' has no element (shape {tuple(tensor.shape)}); a histogram needs one")
     tag = _summary_name(fn, tensor, name, prefix)
-    return _record(SummaryRecord(tag, "histogram", tensor.detach()))
+    return _record(SummaryRecord(tag, "histogram", tensor))
 
 
 def _image_format(fn: str, tensor: torch.Tensor, data_format: str | None) -> str:
@@ -300,7 +300,7 @@ def add_image_summary(
     if tensor.shape[0] == 0:
         raise ValueError(f"{fn}: argument 'tensor' holds no image (shape {tuple(tensor.shape)})")
     tag = _summary_name(fn, tensor, name, prefix)
-    return _record(SummaryRecord(tag, "image", tensor.detach(), print_summary=bool(print_summary), data_format=fmt))
+    return _record(SummaryRecord(tag, "image", tensor, print_summary=bool(print_summary), data_format=fmt))
 
 
 def add_zero_fraction_summary(
@@ -321,7 +321,7 @@ def add_zero_fraction_summary(
         raise ValueError(f"{fn}: argument 'tensor' has no element (shape {tuple(tensor.shape)})")
     tag = _summary_name(fn, tensor, name, prefix, ZERO_FRACTION_POSTFIX)
     return _record(
-        SummaryRecord(tag, "scalar", tensor.detach(), reduce="zero_fraction", print_summary=bool(print_summary))
+        SummaryRecord(tag, "scalar", tensor, reduce="zero_fraction", print_summary=bool(print_summary))
     )
 
 
@@ -484,7 +484,9 @@ def _snapshot(records: Sequence[Any]) -> _Snapshot:
                 f"records: item {i} must be a SummaryRecord (made by slim.summaries.add_*_summary), "
                 f"got {type(record).__name__} {record!r:.80}"
             )
-        t = record.tensor  # detached when recorded
+        t = record.tensor  # detached here, at write time, not on every step it is recorded
+        if t.requires_grad:
+            t = t.detach()
         reduce = record.reduce
         on_cpu = t.device.type == "cpu"
         if reduce is None:
@@ -1089,8 +1091,25 @@ class SummaryWriter:
     def _submit(self, item: Any) -> None:
         if self._thread is None:
             self._process(item)
+        elif self._worker is not None and self._direct(item):
+            # With the helper process, CPU values go straight down its pipe from this thread: the
+            # pickling is C code, and skipping the hop to the writer thread spares the training
+            # thread a GIL hand-off per write. Only when nothing is queued, so order is kept.
+            try:
+                self._process(item)
+            except BaseException as e:  # noqa: BLE001 - raised as the writer's error, like a background one
+                self._error = e
+                self._raise_pending()
         else:
             self._queue.put(item)
+
+    def _direct(self, item: Any) -> bool:
+        if not isinstance(item, list) or self._queue.unfinished_tasks:
+            return False  # flush markers go through the thread, which waits for the helper's reply
+        for _, _, payload in item:
+            if isinstance(payload, _Snapshot) and (payload.events or any(r.print_summary for r, _ in payload.items)):
+                return False
+        return True
 
     def _take_pending(self) -> list[tuple[int, float, Any]]:
         with self._lock:
