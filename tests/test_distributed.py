@@ -371,5 +371,5 @@ def test_survivor_fails_with_a_clear_error_within_the_timeout(tmp_path, python_e
     assert waited < timeout + 8, waited  # margin for process exit on a loaded 2-core machine
     assert "DistributedError: replica 0 of 2: the gradient all-reduce at global step 10 failed: a peer replica died" in stderr
     assert f"The collective timeout is {timeout} s" in stderr
-    if hang:
-        assert "Timed out" in stderr
+    if hang:  # gloo words it 'Timed out ...' or 'Application timeout caused pair closure', by timing
+        assert "Timed out" in stderr or "timeout caused pair closure" in stderr
