@@ -222,6 +222,15 @@ def initialize(
 def _destroy_owned_group() -> None:
     global _owned_group
     if _owned_group and dist.is_available() and dist.is_initialized():
+        # Free what only torchslim's collections keep alive (train ops -> loss functions -> a user's
+        # DistributedDataParallel) before the group goes: a DDP reducer outliving its process group
+        # aborts the interpreter at exit ('terminate called without an active exception').
+        import gc
+
+        from torchslim import collections
+
+        collections._GLOBAL.clear()
+        gc.collect()
         try:
             dist.destroy_process_group()
         except Exception:  # the process is exiting; a dead peer must not turn exit into an error
