@@ -31,3 +31,15 @@ def timed(fn: Callable[[], object]) -> float:
     start = time.perf_counter()
     fn()
     return time.perf_counter() - start
+
+
+def raw_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, data: list, steps: int) -> None:
+    """The hand-written baseline loop: cross-entropy, backward, step; reads the loss every 100 steps, as a log would."""
+    for i in range(steps):
+        x, y = data[i % len(data)]
+        optimizer.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        optimizer.step()
+        if (i + 1) % 100 == 0:
+            loss.item()

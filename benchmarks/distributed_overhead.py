@@ -49,14 +49,7 @@ def replica(rank: int, args: argparse.Namespace, port: int, tmp: str) -> None:
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
         def loop() -> None:
-            for i in range(args.steps):
-                x, y = data[i % len(data)]
-                opt.zero_grad()
-                loss = torch.nn.functional.cross_entropy(model(x), y)
-                loss.backward()
-                opt.step()
-                if (i + 1) % 100 == 0:
-                    loss.item()
+            _common.raw_steps(model, opt, data, args.steps)
             if rank == 0:
                 torch.save({"model": model.module.state_dict(), "optimizer": opt.state_dict()},
                            os.path.join(tmp, "raw.pt"))

@@ -56,14 +56,7 @@ def main() -> None:
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
         def loop() -> None:
-            for i in range(args.steps):
-                x, y = data[i % len(data)]
-                opt.zero_grad()
-                loss = torch.nn.functional.cross_entropy(model(x), y)
-                loss.backward()
-                opt.step()
-                if (i + 1) % 100 == 0:
-                    loss.item()
+            _common.raw_steps(model, opt, data, args.steps)
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, os.path.join(tmp, "raw.pt"))
             sync()
 
