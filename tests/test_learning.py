@@ -123,6 +123,16 @@ def logistic_loss(model: nn.Module, x: torch.Tensor, y: torch.Tensor, record: li
     return total_loss
 
 
+def batch_log_loss(model: nn.Module):
+    """A total_loss taking (x, y) batches from the data: log loss through the LOSSES collection."""
+
+    def total_loss(batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        slim.losses.log_loss(model(batch[0]), batch[1])
+        return slim.losses.get_total_loss()
+
+    return total_loss
+
+
 def logistic_train_op(seed=0, lr=1.0, gradient_multiplier=None, record=None, train_only=None, **kwargs):
     """TF-Slim's test set-up: the logistic classifier, SGD and a train op (train_only: 'weight' or 'bias')."""
     model = LogisticClassifier(seed)
@@ -736,11 +746,7 @@ def test_training_ends_when_the_data_runs_out_and_saves_a_final_checkpoint(tmp_p
     model = LogisticClassifier()
     x, y = logistic_data()
 
-    def total_loss(batch):
-        slim.losses.log_loss(model(batch[0]), batch[1])
-        return slim.losses.get_total_loss()
-
-    op = slim.learning.create_train_op(total_loss, torch.optim.SGD(model.parameters(), lr=1.0))
+    op = slim.learning.create_train_op(batch_log_loss(model), torch.optim.SGD(model.parameters(), lr=1.0))
     data = [(x, y)] * 7
     loss = slim.learning.train(op, str(tmp_path), data=data, log_every_n_steps=0, **NO_SUMMARIES)
     assert loss is not None and op.step == 7
@@ -752,11 +758,7 @@ def test_epoch_limit_of_repeated_data_trains_to_low_loss(tmp_path):
     model = LogisticClassifier()
     x, y = logistic_data()
 
-    def total_loss(batch):
-        slim.losses.log_loss(model(batch[0]), batch[1])
-        return slim.losses.get_total_loss()
-
-    op = slim.learning.create_train_op(total_loss, torch.optim.SGD(model.parameters(), lr=1.0))
+    op = slim.learning.create_train_op(batch_log_loss(model), torch.optim.SGD(model.parameters(), lr=1.0))
     loss = slim.learning.train(
         op, str(tmp_path), data=slim.data.repeat([(x, y)], num_epochs=300), log_every_n_steps=10, **NO_SUMMARIES
     )

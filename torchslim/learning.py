@@ -65,21 +65,19 @@ __all__ = [
 logger = logging.getLogger("torchslim")
 
 
-class _UseDefault:
+class _Sentinel:
+    def __init__(self, name: str) -> None:
+        self._name = name
+
     def __repr__(self) -> str:
-        return "_USE_DEFAULT"
+        return self._name
 
 
-_USE_DEFAULT: Any = _UseDefault()
-_USE_GLOBAL_STEP: Any = _UseDefault()
+_USE_DEFAULT: Any = _Sentinel("_USE_DEFAULT")
+_USE_GLOBAL_STEP: Any = _Sentinel("_USE_GLOBAL_STEP")
 
 
-class _NoBatch:
-    def __repr__(self) -> str:
-        return "NO_BATCH"
-
-
-NO_BATCH: Any = _NoBatch()
+NO_BATCH: Any = _Sentinel("NO_BATCH")
 """What train() passes for each step when it has no data: the train op then calls total_loss()."""
 
 
@@ -354,10 +352,7 @@ class TrainOp:
             self.global_step.value += 1
 
     def _name(self, param: torch.Tensor) -> str:
-        for name, p in self.names.items():
-            if p is param:
-                return repr(name)
-        return f"#{next(i for i, p in enumerate(self._params) if p is param)} of shape {tuple(param.shape)}"
+        return _describe_var(param, self.names)
 
     def _check_numerics(self, loss: torch.Tensor) -> None:
         # The loss: math.isfinite on .item() is the cheapest check there is (one read, no kernel).

@@ -108,10 +108,6 @@ class Supervisor:
         self.train_op = train_op
         self.logdir = logdir
         self.data = make_resumable(data)
-        self.master = master
-        self.sync_optimizer = sync_optimizer
-        self.startup_delay_steps = startup_delay_steps
-        self.number_of_steps = number_of_steps
         self.init_fn = init_fn
         self.ignore_live_threads = ignore_live_threads
         self.replica: Any = None
@@ -140,7 +136,6 @@ class Supervisor:
         self.coordinator: Any = None
         self._last_summary: tuple[int, float] | None = None
         self._last_saved_step: int | None = None
-        self._started = False
 
     # -- state ---------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -197,7 +192,6 @@ class Supervisor:
                 logger.warning("While stopping after an error: %r", again)
             raise
         self._last_summary = (self.train_op.step, time.monotonic())
-        self._started = True
 
     def _open_writer(self, purge_step: int | None) -> None:
         from torchslim import summaries
