@@ -27,9 +27,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # noqa: E402
+import _common
 
-import torchslim as slim  # noqa: E402
+import torchslim as slim
 
 
 def make_model(width: int) -> torch.nn.Module:

@@ -25,7 +25,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torchslim as slim  # noqa: E402
+import torchslim as slim
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -31,9 +31,9 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import torch  # noqa: E402
+import torch
 
-from torchslim import queues  # noqa: E402
+from torchslim import queues
 
 CONFIGS = [(5, 5), (10, 2), (2, 10)]
 

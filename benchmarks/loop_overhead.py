@@ -18,9 +18,9 @@ import tempfile
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import _common  # noqa: E402
+import _common
 
-import torchslim as slim  # noqa: E402
+import torchslim as slim
 
 
 def resnet18_cifar() -> torch.nn.Module:

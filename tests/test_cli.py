@@ -4,9 +4,9 @@ import os
 import re
 import subprocess
 import sys
-import tomllib
 
 import pytest
+import tomllib
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from torchslim import checkpoint, cli, demo

@@ -75,7 +75,7 @@ def finish(procs: list[subprocess.Popen], timeout: float = 60) -> list[tuple[int
 def assert_params_close(a: dict, b: dict, atol: float = 1e-5) -> None:
     assert a.keys() == b.keys()
     for k in a:
-        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-5, msg=lambda m: f"{k}: {m}")
+        torch.testing.assert_close(a[k], b[k], atol=atol, rtol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
 
 
 @pytest.fixture

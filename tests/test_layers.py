@@ -360,7 +360,7 @@ def test_train_loop_as_the_train_op_runs_it():
     y = x @ torch.tensor([[1.0], [-2.0], [0.5], [3.0]])
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     history = []
-    for step in range(60):
+    for _ in range(60):
         with collections.step_scope():
             model.train()
             opt.zero_grad()

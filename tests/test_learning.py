@@ -410,7 +410,7 @@ def test_update_ops_list_with_every_collection_op_does_not_warn(caplog, own_regi
 
 def test_batch_norm_classifier_trains_to_low_loss(tmp_path, own_registry):
     # TF-Slim's TrainBNClassifierTest: the logistic data set through batch norm.
-    model, op, _ = batch_norm_train_op(data=logistic_data)
+    _, op, _ = batch_norm_train_op(data=logistic_data)
     loss = slim.learning.train(op, str(tmp_path), number_of_steps=300, log_every_n_steps=0, **NO_SUMMARIES)
     assert loss < 0.1
 

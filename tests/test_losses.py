@@ -12,9 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from torchslim import collections, losses
+from torchslim import collections, layers, losses
 from torchslim.collections import GraphKeys
-from torchslim import layers
 
 
 @pytest.fixture(autouse=True)

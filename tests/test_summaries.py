@@ -13,8 +13,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from torchslim import collections
-from torchslim import summaries
+from torchslim import collections, summaries
 from torchslim.collections import GraphKeys
 
 

@@ -12,7 +12,8 @@ from __future__ import annotations
 import functools
 import inspect
 import types
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 
@@ -29,7 +30,7 @@ def _referenced(fn: Any) -> Iterable[tuple[str, Any]]:
         yield "self", fn.__self__
         fn = fn.__func__
     if not isinstance(fn, types.FunctionType):
-        call = getattr(type(fn), "__call__", None)
+        call = getattr(type(fn), "__call__", None)  # noqa: B004 (the function itself, to read its closure)
         if isinstance(call, types.FunctionType):  # a callable object: look at its attributes and __call__
             yield from vars(fn).items() if hasattr(fn, "__dict__") else ()
             yield "__call__", types.MethodType(call, fn)
@@ -42,6 +43,31 @@ def _referenced(fn: Any) -> Iterable[tuple[str, Any]]:
     yield from closure.globals.items()
     for i, default in enumerate(fn.__defaults__ or ()):
         yield f"default{i}", default
+
+
+def _visit(name: str, obj: Any, depth: int, found: dict[int, tuple[str, torch.nn.Module]], seen: set[int]) -> None:
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, torch.nn.Module):
+        found.setdefault(id(obj), (name, obj))
+        return
+    if isinstance(obj, (list, tuple)) and depth < _MAX_DEPTH:
+        for i, item in enumerate(obj):
+            _visit(f"{name}.{i}", item, depth + 1, found, seen)
+        return
+    if isinstance(obj, dict) and depth < _MAX_DEPTH:
+        for key, item in obj.items():
+            if isinstance(key, str):
+                _visit(f"{name}.{key}", item, depth + 1, found, seen)
+        return
+    if depth >= _MAX_DEPTH or not callable(obj) or isinstance(obj, type):
+        return
+    module_name = getattr(obj, "__module__", "") or ""
+    if module_name.startswith(("torch", "torchslim", "numpy", "builtins")):
+        return
+    for ref_name, ref in _referenced(obj):
+        _visit(ref_name, ref, depth + 1, found, seen)
 
 
 def modules_of(*callables: Any) -> dict[str, torch.nn.Module]:
@@ -57,35 +83,11 @@ def modules_of(*callables: Any) -> dict[str, torch.nn.Module]:
     found: dict[int, tuple[str, torch.nn.Module]] = {}
     seen: set[int] = set()
 
-    def visit(name: str, obj: Any, depth: int) -> None:
-        if id(obj) in seen:
-            return
-        seen.add(id(obj))
-        if isinstance(obj, torch.nn.Module):
-            found.setdefault(id(obj), (name, obj))
-            return
-        if isinstance(obj, (list, tuple)) and depth < _MAX_DEPTH:
-            for i, item in enumerate(obj):
-                visit(f"{name}.{i}", item, depth + 1)
-            return
-        if isinstance(obj, dict) and depth < _MAX_DEPTH:
-            for key, item in obj.items():
-                if isinstance(key, str):
-                    visit(f"{name}.{key}", item, depth + 1)
-            return
-        if depth >= _MAX_DEPTH or not callable(obj) or isinstance(obj, type):
-            return
-        module_name = getattr(obj, "__module__", "") or ""
-        if module_name.startswith(("torch", "torchslim", "numpy", "builtins")):
-            return
-        for ref_name, ref in _referenced(obj):
-            visit(ref_name, ref, depth + 1)
-
     for i, fn in enumerate(callables):
         if isinstance(fn, torch.nn.Module):
             found.setdefault(id(fn), ("model", fn))
         else:
-            visit(f"fn{i}", fn, 0)
+            _visit(f"fn{i}", fn, 0, found, seen)
 
     modules = list(found.values())
     nested: set[int] = set()
@@ -103,7 +105,6 @@ def modules_of(*callables: Any) -> dict[str, torch.nn.Module]:
                 n += 1
                 key = f"{name}_{n}"
             result[key] = m
-    del visit  # the closure refers to itself; without this the models stay alive until a GC pass
     return result
 
 

@@ -38,7 +38,8 @@ import sys
 import tempfile
 import threading
 import time
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 
@@ -46,14 +47,14 @@ __all__ = [
     "CheckpointError",
     "CorruptCheckpointError",
     "Saver",
-    "save_checkpoint",
-    "load_checkpoint",
-    "verify_checkpoint",
-    "list_checkpoints",
-    "latest_checkpoint",
     "checkpoint_step",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
     "restore_model",
+    "save_checkpoint",
     "snapshot",
+    "verify_checkpoint",
 ]
 
 logger = logging.getLogger("torchslim")
@@ -330,7 +331,7 @@ class Saver:
         self._recent: list[dict[str, Any]] = []
         self._kept: list[dict[str, Any]] = []
         self._last_preserved: float | None = None
-        self._jobs: "queue.Queue[tuple | None]" = queue.Queue(maxsize=1)
+        self._jobs: queue.Queue[tuple | None] = queue.Queue(maxsize=1)
         self._thread: threading.Thread | None = None
         self._error: BaseException | None = None
 

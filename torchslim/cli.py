@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import Sequence
+from collections.abc import Sequence
 
 # subcommand -> (module, function taking argv and returning an exit status, one-line help)
 COMMANDS = {

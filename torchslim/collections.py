@@ -29,19 +29,20 @@ import contextlib
 import contextvars
 import re
 import threading
-from typing import Any, Iterator
+from collections.abc import Iterator
+from typing import Any
 
 __all__ = [
     "GraphKeys",
     "Registry",
     "add_to_collection",
     "add_to_collections",
-    "get_collection",
     "clear_collection",
+    "get_collection",
     "get_default_registry",
+    "in_step_scope",
     "reset",
     "step_scope",
-    "in_step_scope",
 ]
 
 
@@ -108,7 +109,7 @@ class Registry:
             return list(self._collections)
 
     @contextlib.contextmanager
-    def as_default(self) -> Iterator["Registry"]:
+    def as_default(self) -> Iterator[Registry]:
         """Makes this registry the current one for the enclosed block."""
         token = _registry.set(self)
         try:
@@ -234,7 +235,7 @@ class step_scope:
         {'losses': [1.0]}
     """
 
-    __slots__ = ("entries", "_token")
+    __slots__ = ("_token", "entries")
 
     def __init__(self) -> None:
         self.entries: dict[str, list[Any]] = {}
@@ -243,5 +244,5 @@ class step_scope:
         self._token = _step.set(self.entries)
         return self.entries
 
-    def __exit__(self, *exc: Any) -> None:
+    def __exit__(self, *exc: object) -> None:
         _step.reset(self._token)

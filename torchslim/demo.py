@@ -37,10 +37,12 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
+import math
 import os
 import sys
 import time
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -62,17 +64,17 @@ from torchslim.data import digits as _digits
 __all__ = [
     "DigitsNet",
     "ResumablePrefetch",
-    "build_model",
-    "make_total_loss",
-    "make_eval",
-    "make_train_data",
-    "make_eval_data",
     "add_model_summaries",
-    "train_demo",
-    "newest_intact_checkpoint",
+    "build_model",
+    "eval_main",
     "evaluate_checkpoint",
     "main",
-    "eval_main",
+    "make_eval",
+    "make_eval_data",
+    "make_total_loss",
+    "make_train_data",
+    "newest_intact_checkpoint",
+    "train_demo",
 ]
 
 logger = logging.getLogger("torchslim")
@@ -546,7 +548,7 @@ def _float_at_least(minimum: float, strict: bool) -> Callable[[str], float]:
             value = float(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a number {bound}, got {text!r}") from None
-        if not (value > minimum if strict else value >= minimum) or value != value:
+        if not (value > minimum if strict else value >= minimum) or math.isnan(value):
             raise argparse.ArgumentTypeError(f"expected a number {bound}, got {text}")
         return value
 

@@ -53,21 +53,22 @@ import math
 import os
 import time
 from collections import OrderedDict
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Sequence
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
 __all__ = [
-    "SyncReplicasOptimizer",
     "DistributedError",
+    "SyncReplicasOptimizer",
+    "default_timeout",
+    "get_rank",
+    "get_world_size",
     "initialize",
     "prepare",
     "run_hogwild",
-    "get_rank",
-    "get_world_size",
-    "default_timeout",
 ]
 
 logger = logging.getLogger("torchslim")
@@ -295,7 +296,7 @@ def _collective_error(what: str, step: int | None, error: BaseException) -> Dist
 
 
 class _Bucket:
-    __slots__ = ("params", "offsets", "numel", "flat", "views", "ready", "count", "work", "missing", "ones")
+    __slots__ = ("count", "flat", "missing", "numel", "offsets", "ones", "params", "ready", "views", "work")
 
     def __init__(self, params: list[torch.Tensor]) -> None:
         self.params = params

@@ -60,7 +60,8 @@ import logging
 import os
 import time
 import types
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 import torchmetrics

@@ -36,7 +36,8 @@ import logging
 import numbers
 import re
 import weakref
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -325,12 +326,12 @@ class BatchNormUpdate:
         (True, tensor([1., 2.]))
     """
 
-    def __init__(self, module: "BatchNorm", name: str) -> None:
+    def __init__(self, module: BatchNorm, name: str) -> None:
         self._module = weakref.ref(module)
         self.name = name
 
     @property
-    def module(self) -> "BatchNorm | None":
+    def module(self) -> BatchNorm | None:
         return self._module()
 
     def __call__(self) -> bool:
@@ -387,6 +388,22 @@ class BatchNorm(nn.Module):
         >>> bool((bn.moving_mean > 0).all())
         True
     """
+
+    num_features: int
+    decay: float
+    center: bool
+    scale: bool
+    epsilon: float
+    activation_fn: Callable[[torch.Tensor], torch.Tensor] | None
+    updates_collections: tuple[str, ...] | None
+    is_training: bool | None
+    fused: bool | None
+    data_format: str
+    scope: str
+    beta: nn.Parameter | None
+    gamma: nn.Parameter | None
+    moving_mean: torch.Tensor
+    moving_variance: torch.Tensor
 
     def __init__(
         self,

@@ -38,8 +38,8 @@ import logging
 import math
 import os
 import time
-import warnings
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -50,16 +50,16 @@ from torchslim.collections import GraphKeys
 __all__ = [
     "NO_BATCH",
     "GlobalStep",
-    "get_or_create_global_step",
-    "get_global_step",
-    "TrainOp",
-    "create_train_op",
-    "train_step",
-    "train",
-    "clip_gradient_norms",
-    "multiply_gradients",
-    "add_gradients_summaries",
     "NumericsError",
+    "TrainOp",
+    "add_gradients_summaries",
+    "clip_gradient_norms",
+    "create_train_op",
+    "get_global_step",
+    "get_or_create_global_step",
+    "multiply_gradients",
+    "train",
+    "train_step",
 ]
 
 logger = logging.getLogger("torchslim")

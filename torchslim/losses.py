@@ -563,7 +563,7 @@ def sparse_softmax_cross_entropy(
     if labels.shape == logits.shape and logits.shape[1] != 1:
         raise ValueError(
             f"labels shape {list(labels.shape)} equals the logits shape: sparse labels are class indices "
-            f"of shape {[logits.shape[0]] + list(logits.shape[2:])}; use softmax_cross_entropy for one-hot labels"
+            f"of shape {[logits.shape[0], *logits.shape[2:]]}; use softmax_cross_entropy for one-hot labels"
         )
     indices = _class_indices(logits, labels, "labels")
     if indices is None:  # logits [batch, 1] and labels [batch, 1]

@@ -40,7 +40,8 @@ from __future__ import annotations
 import functools
 import inspect
 import types
-from typing import Any, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import torch
 import torchmetrics

@@ -49,12 +49,13 @@ import argparse
 import dataclasses
 import importlib
 import sys
-from typing import Any, Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils import flop_counter
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 __all__ = [
@@ -158,10 +159,10 @@ def _tabulate_vars(named: Iterable[tuple[str, torch.Tensor]], title: str, kind: 
         total_size += var_size
         total_bytes += var_bytes
         if print_info:
-            print(name, tensor_description(var), "[%d, bytes: %d]" % (var_size, var_bytes))
+            print(name, tensor_description(var), f"[{var_size}, bytes: {var_bytes}]")
     if print_info:
-        print("Total size of %s: %d" % (kind, total_size))
-        print("Total bytes of %s: %d" % (kind, total_bytes))
+        print(f"Total size of {kind}: {total_size}")
+        print(f"Total bytes of {kind}: {total_bytes}")
     return total_size, total_bytes
 
 
@@ -392,7 +393,7 @@ def _reraise_in(exc: BaseException, where: ModuleRecord | None) -> None:
     except Exception:  # an exception type whose constructor wants other arguments
         if hasattr(exc, "add_note"):
             exc.add_note(message)
-        raise exc
+        raise exc from None
     raise new from exc
 
 

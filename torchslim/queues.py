@@ -43,8 +43,8 @@ import threading
 import time
 import types
 from collections import deque
-from collections.abc import Iterable, Iterator, Mapping
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -731,7 +731,7 @@ class QueueRunner:
                     item = self._transform(item)
                 if not run.queue.put(item, coord._stop_event):
                     break
-        except BaseException as e:  # noqa: BLE001 - every error goes to the coordinator
+        except BaseException as e:
             run.exceptions.append(e)
             try:
                 coord.request_stop(e)

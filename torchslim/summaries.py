@@ -57,7 +57,8 @@ import threading
 import time
 import types
 import zlib
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -804,7 +805,7 @@ def _portable_error(e: BaseException) -> BaseException:
     try:
         pickle.loads(pickle.dumps(e))
         return e
-    except Exception:  # noqa: BLE001 - an exception that does not pickle travels as text
+    except Exception:
         return RuntimeError(f"{type(e).__name__}: {e}")
 
 
@@ -826,7 +827,7 @@ def _worker_main() -> None:
                 sinks[wid].flush()
             elif op == "close":
                 sinks.pop(wid).close()
-        except Exception as e:  # noqa: BLE001 - reported to the writer that sent the message
+        except Exception as e:
             error = _portable_error(e)
         if op in ("flush", "close"):
             _send_msg(out, ("ack", msg[2], error))
@@ -839,11 +840,11 @@ def _worker_main() -> None:
 class _Worker:
     """The parent side of the helper process: a send lock, a reader thread for replies."""
 
-    _instance: "_Worker | None" = None
+    _instance: _Worker | None = None
     _instance_lock = threading.Lock()
 
     @classmethod
-    def get(cls) -> "_Worker | None":
+    def get(cls) -> _Worker | None:
         with cls._instance_lock:
             worker = cls._instance
             if worker is None or not worker.alive or worker.owner != os.getpid():
@@ -1024,7 +1025,7 @@ class SummaryWriter:
                     self._process(item)
                 elif isinstance(item, threading.Event):
                     item.set()
-            except BaseException as e:  # noqa: BLE001 - re-raised on the caller's next call
+            except BaseException as e:
                 self._error = e
                 if isinstance(item, threading.Event):
                     item.set()
@@ -1070,7 +1071,7 @@ class SummaryWriter:
                     self._error = error
             elif self._sink is not None:
                 self._sink.close()
-        except BaseException as e:  # noqa: BLE001
+        except BaseException as e:
             if self._error is None:
                 self._error = e
 
@@ -1097,7 +1098,7 @@ class SummaryWriter:
             # thread a GIL hand-off per write. Only when nothing is queued, so order is kept.
             try:
                 self._process(item)
-            except BaseException as e:  # noqa: BLE001 - raised as the writer's error, like a background one
+            except BaseException as e:
                 self._error = e
                 self._raise_pending()
         else:
@@ -1238,7 +1239,7 @@ class SummaryWriter:
                 self._finish()
         self._raise_pending()
 
-    def __enter__(self) -> "SummaryWriter":
+    def __enter__(self) -> SummaryWriter:
         return self
 
     def __exit__(self, exc_type: Any, exc: Any, tb: Any) -> None:

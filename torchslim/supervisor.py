@@ -23,7 +23,8 @@ import logging
 import os
 import random
 import time
-from typing import Any, Callable, Iterator
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -306,7 +307,7 @@ class Supervisor:
         if self.replica is not None:
             self.replica.close()
 
-    def __enter__(self) -> "Supervisor":
+    def __enter__(self) -> Supervisor:
         self.start()
         return self
 

@@ -15,9 +15,9 @@ tests pass explicit times and never sleep.
 from __future__ import annotations
 
 import time
-from typing import Iterable
+from collections.abc import Iterable
 
-__all__ = ["Trigger", "EveryNSteps", "EveryNSeconds", "AtSteps", "AnyOf", "make_trigger"]
+__all__ = ["AnyOf", "AtSteps", "EveryNSeconds", "EveryNSteps", "Trigger", "make_trigger"]
 
 
 class Trigger:

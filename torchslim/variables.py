@@ -27,7 +27,8 @@ import logging
 import os
 import re
 from collections import OrderedDict
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import torch
 from torch import nn
@@ -54,7 +55,7 @@ logger = logging.getLogger("torchslim")
 
 
 # ------------------------------------------------------------------ queries
-def _all_variables(model: Any) -> "OrderedDict[str, torch.Tensor]":
+def _all_variables(model: Any) -> OrderedDict[str, torch.Tensor]:
     """Parameters and persistent buffers (the state dict) of a module, or a validated name->tensor dict."""
     if isinstance(model, nn.Module):
         return OrderedDict(
@@ -88,7 +89,7 @@ def _filter(variables: Mapping[str, torch.Tensor], scope: str | None, suffix: st
     )
 
 
-def get_variables(model: Any, scope: str | None = None, suffix: str | None = None) -> "OrderedDict[str, torch.Tensor]":
+def get_variables(model: Any, scope: str | None = None, suffix: str | None = None) -> OrderedDict[str, torch.Tensor]:
     """Every variable of ``model`` (parameters and persistent buffers), filtered by scope and/or suffix.
 
     Example:
@@ -101,7 +102,7 @@ def get_variables(model: Any, scope: str | None = None, suffix: str | None = Non
 
 def get_model_variables(
     model: Any, scope: str | None = None, suffix: str | None = None
-) -> "OrderedDict[str, torch.Tensor]":
+) -> OrderedDict[str, torch.Tensor]:
     """TF's model variables: parameters plus persistent buffers (moving averages included).
 
     Example:
@@ -114,7 +115,7 @@ def get_model_variables(
 
 def get_trainable_variables(
     model: Any, scope: str | None = None, suffix: str | None = None
-) -> "OrderedDict[str, torch.Tensor]":
+) -> OrderedDict[str, torch.Tensor]:
     """Parameters with ``requires_grad`` (a dict ``model`` keeps its tensors that require grad).
 
     Example:
@@ -141,7 +142,7 @@ def _check_scopes(value: Any, arg: str) -> None:
 
 def get_variables_to_restore(
     model: Any, include: Sequence[str] | None = None, exclude: Sequence[str] | None = None
-) -> "OrderedDict[str, torch.Tensor]":
+) -> OrderedDict[str, torch.Tensor]:
     """Variables to restore: those under any ``include`` scope (all if None), minus those under an ``exclude`` scope.
 
     Example:
@@ -165,7 +166,7 @@ def get_variables_to_restore(
     return selected
 
 
-def get_variables_by_suffix(model: Any, suffix: str, scope: str | None = None) -> "OrderedDict[str, torch.Tensor]":
+def get_variables_by_suffix(model: Any, suffix: str, scope: str | None = None) -> OrderedDict[str, torch.Tensor]:
     """Variables whose name ends with ``suffix``.
 
     Example:
@@ -177,7 +178,7 @@ def get_variables_by_suffix(model: Any, suffix: str, scope: str | None = None) -
     return get_variables(model, scope, suffix)
 
 
-def get_variables_by_name(model: Any, given_name: str, scope: str | None = None) -> "OrderedDict[str, torch.Tensor]":
+def get_variables_by_name(model: Any, given_name: str, scope: str | None = None) -> OrderedDict[str, torch.Tensor]:
     """Variables whose last name component is ``given_name`` (``'weight'`` finds ``'fc.weight'``, not ``'fc.myweight'``).
 
     Example:
@@ -211,7 +212,7 @@ def filter_variables(
     include_patterns: Sequence[str] | None = None,
     exclude_patterns: Sequence[str] | None = None,
     reg_search: bool = True,
-) -> "OrderedDict[str, torch.Tensor]":
+) -> OrderedDict[str, torch.Tensor]:
     """Keeps the variables matching any include pattern, then drops those matching an exclude pattern.
 
     ``reg_search=True`` matches anywhere in the name (``re.search``),
@@ -249,7 +250,7 @@ def _resolve_path(model_path: Any) -> str:
     return path
 
 
-def _flatten(prefix: str, value: Any, out: "OrderedDict[str, torch.Tensor]") -> None:
+def _flatten(prefix: str, value: Any, out: OrderedDict[str, torch.Tensor]) -> None:
     if isinstance(value, torch.Tensor):
         out[prefix] = value
     elif isinstance(value, Mapping):
@@ -257,7 +258,7 @@ def _flatten(prefix: str, value: Any, out: "OrderedDict[str, torch.Tensor]") -> 
             _flatten(f"{prefix}.{k}" if prefix else str(k), v, out)
 
 
-def load_checkpoint_variables(model_path: str) -> "OrderedDict[str, torch.Tensor]":
+def load_checkpoint_variables(model_path: str) -> OrderedDict[str, torch.Tensor]:
     """The named tensors of a checkpoint, read without executing any code.
 
     ``model_path`` is a torchslim checkpoint (its ``'model'`` state dict is
@@ -337,7 +338,7 @@ class AssignFn:
         return f"AssignFn({len(self._assignments)} tensors: {self.names[:3]}{'...' if len(self.names) > 3 else ''})"
 
 
-def _group_targets(var_list: Any) -> "OrderedDict[str, list[torch.Tensor]]":
+def _group_targets(var_list: Any) -> OrderedDict[str, list[torch.Tensor]]:
     grouped: OrderedDict[str, list[torch.Tensor]] = OrderedDict()
     if isinstance(var_list, nn.Module):
         var_list = _all_variables(var_list)

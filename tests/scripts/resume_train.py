@@ -30,7 +30,6 @@ if args.slow_save_marker:
 
     def slow_write(f, payload):
         if checkpoint.list_checkpoints(args.logdir):
-            half = len(payload) // 2
             real_write_header = checkpoint._HEADER.pack(checkpoint.MAGIC, b"\0" * 32, len(payload))
             f.write(real_write_header[:10])
             f.flush()

@@ -27,11 +27,12 @@ rewound either.
 from __future__ import annotations
 
 import logging
-from typing import Any, Iterable, Iterator
+from collections.abc import Iterable, Iterator
+from typing import Any
 
 import torch
 
-__all__ = ["ResumableIterable", "repeat", "is_one_shot", "make_resumable"]
+__all__ = ["ResumableIterable", "is_one_shot", "make_resumable", "repeat"]
 
 logger = logging.getLogger("torchslim")
 

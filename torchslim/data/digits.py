@@ -33,13 +33,13 @@ import numpy as np
 import torch
 
 __all__ = [
-    "NUM_EXAMPLES",
-    "NUM_CLASSES",
-    "TRAIN_SIZE",
-    "TEST_SIZE",
-    "SPLIT_SEED",
     "IMAGE_SHAPE",
+    "NUM_CLASSES",
+    "NUM_EXAMPLES",
     "SPLITS",
+    "SPLIT_SEED",
+    "TEST_SIZE",
+    "TRAIN_SIZE",
     "DigitsDataset",
     "load_digits",
     "split_indices",
