@@ -94,7 +94,7 @@ __all__ = [
 
 logger = logging.getLogger("torchslim")
 
-_DICT_VIEWS = (type({}.values()), type({}.keys()))
+_DICT_VIEWS: tuple[type, ...] = (type({}.values()), type({}.keys()))
 
 
 class CheckpointNotFoundError(FileNotFoundError, ValueError):
@@ -518,7 +518,7 @@ class _Evaluation:
 
     def _batches(self) -> Iterator[tuple[Any, ...]]:
         if self.data is None:
-            return itertools.repeat((), self.num_evals)
+            return itertools.repeat(()) if self.num_evals is None else itertools.repeat((), self.num_evals)
         batches = zip(self.data)  # 1-tuples, made in C
         return batches if self.num_evals is None else itertools.islice(batches, self.num_evals)
 

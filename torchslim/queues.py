@@ -44,7 +44,7 @@ import time
 import types
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
@@ -88,15 +88,14 @@ def _check_positive_int(name: str, value: Any) -> int:
     return int(value)
 
 
-def _check_seconds(name: str, value: Any, allow_none: bool = False) -> float | None:
-    if value is None and allow_none:
-        return None
+def _check_seconds(name: str, value: Any, allow_none: bool = False) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         expected = "a number of seconds >= 0" + (" or None" if allow_none else "")
         raise TypeError(f"{name} must be {expected}, got {type(value).__name__} {value!r}")
-    if not value >= 0:  # also refuses NaN
+    seconds = float(value)
+    if not seconds >= 0:  # also refuses NaN
         raise ValueError(f"{name} must be >= 0 seconds, got {value!r}")
-    return float(value)
+    return seconds
 
 
 # --------------------------------------------------------------------------
@@ -240,7 +239,7 @@ class Coordinator:
             >>> Coordinator().wait_for_stop(0.01)
             False
         """
-        timeout = _check_seconds("timeout", timeout, allow_none=True)
+        timeout = None if timeout is None else _check_seconds("timeout", timeout, allow_none=True)
         return self._stop_event.wait(timeout)
 
     @contextlib.contextmanager
@@ -804,7 +803,7 @@ def _stop_and_join(
             raise
         if join_error is not error:
             logger.warning("while %s ended with %s, stopping its threads failed too: %r", what, type(error).__name__, join_error)
-            if not isinstance(error, GeneratorExit):
+            if not isinstance(error, GeneratorExit) and hasattr(error, "add_note"):  # add_note: Python >= 3.11
                 error.add_note(f"while stopping the queue runner threads: {type(join_error).__name__}: {join_error}")
 
 
@@ -897,7 +896,7 @@ class QueueRunners:
             raise
         return coord
 
-    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> bool:
+    def __exit__(self, exc_type: Any, exc: BaseException | None, tb: Any) -> Literal[False]:
         try:
             assert self.coordinator is not None
             _stop_and_join(self.coordinator, self.threads, self._grace, self._ignore_live_threads, exc, "the QueueRunners block")
@@ -958,7 +957,7 @@ def _map_tensors(fn: Callable[[torch.Tensor], torch.Tensor], obj: Any) -> Any:
         if type(obj) is dict:
             return items
         try:
-            return type(obj)(items)
+            return type(obj)(items)  # type: ignore[call-arg]  # a Mapping subclass built from a dict
         except TypeError:
             return items
     return obj
