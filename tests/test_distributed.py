@@ -258,8 +258,9 @@ def test_two_replicas_match_one_process_with_twice_the_batch_and_only_the_chief_
 
     def args(rank: int) -> list[str]:
         logdir = chief_dir if rank == 0 else other_dir
+        # The chief's time trigger fires after nearly every step: each time, every replica must follow it.
         return ["--logdir", str(logdir), "--out", str(tmp_path / "out"), "--master", init,
-                "--batch", "16", "--save-steps", "20", "--summary-steps", "10"]
+                "--batch", "16", "--save-secs", "1e-6", "--summary-steps", "10"]
 
     results = finish(launch_pair(python_exe, REPLICA, args, subprocess_env))
     for rc, log in results:
@@ -272,7 +273,10 @@ def test_two_replicas_match_one_process_with_twice_the_batch_and_only_the_chief_
         assert_params_close(out["params"], baseline["params"])
         assert out["params"]["3.count"] == 50
     assert os.listdir(other_dir) == []  # the non-chief wrote nothing into its logdir
-    assert slim.checkpoint.checkpoint_step(slim.checkpoint.latest_checkpoint(str(chief_dir))) == 50
+    saved = [slim.checkpoint.checkpoint_step(p) for p in slim.checkpoint.list_checkpoints(str(chief_dir))]
+    assert saved == [46, 47, 48, 49, 50]  # one per step (max_to_keep=5), each with both replicas' parts
+    assert all(len(slim.checkpoint.load_checkpoint(p)["replicas"]) == 2
+               for p in slim.checkpoint.list_checkpoints(str(chief_dir)))
     events = EventAccumulator(str(chief_dir))
     events.Reload()
     assert [e.step for e in events.Scalars("losses/total_loss")] == [10, 20, 30, 40, 50]
@@ -283,7 +287,8 @@ def test_a_users_own_ddp_model_trains_with_the_chief_picked_by_slim(tmp_path, ba
     init = f"file://{tmp_path / 'rendezvous'}"
 
     def args(rank: int) -> list[str]:
-        return ["--logdir", str(tmp_path / "log"), "--out", str(tmp_path / "out"), "--master", init, "--ddp"]
+        return ["--logdir", str(tmp_path / "log"), "--out", str(tmp_path / "out"), "--master", init, "--ddp",
+                "--save-secs", "1e-6"]
 
     for rc, log in finish(launch_pair(python_exe, REPLICA, args, subprocess_env)):
         assert rc == 0, log
@@ -432,6 +437,31 @@ def test_each_replica_part_is_in_the_checkpoint_and_another_world_size_is_refuse
     with pytest.raises(ValueError, match=r"model.ckpt-4.pt' was written by 2 replicas but this run has 1; .* Resume "
                                          r"with 2 replicas"):
         _sync_run(tmp_path / "log", 8)
+
+
+def test_the_chiefs_time_trigger_reaches_every_replica_in_the_gradient_bucket(tmp_path, single_process_group):
+    slim.collections.reset()
+    net = torch.nn.Linear(4, 1)
+    sync = slim.SyncReplicasOptimizer(torch.optim.SGD(net.parameters(), lr=0.1))
+    op = create_train_op(lambda batch: net(batch).pow(2).mean(), sync, model=net)
+    asked = []
+
+    class Clock(slim.triggers.Trigger):  # due from the third step on
+        def __call__(self, step, t=None):
+            asked.append(step)
+            return step >= 3
+
+    sv = slim.supervisor.Supervisor(op, str(tmp_path), data=list(torch.randn(4, 2, 4)), sync_optimizer=sync,
+                                    save_interval_secs=None, save_summaries_secs=None)
+    sv.save_trigger = Clock()
+    with sv:
+        assert sv.replica._save_mode == "piggyback"
+        batches = sv.batches()
+        while not sv.should_stop(number_of_steps=4):
+            sv.after_step(op(next(batches)))
+        sv.finish()
+    assert asked == [1, 2, 3, 4]  # asked once per step, while the step's last bucket left
+    assert [slim.checkpoint.checkpoint_step(p) for p in slim.checkpoint.list_checkpoints(str(tmp_path))] == [3, 4]
 
 
 def test_a_ddp_wrapped_model_checkpoints_under_the_plain_models_names(tmp_path, single_process_group):

@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> float | None:
     parser.add_argument("--ddp", action="store_true", help="the user's own DistributedDataParallel, no sync_optimizer")
     parser.add_argument("--clip", type=float, default=0.5)
     parser.add_argument("--save-steps", type=int, default=None)
+    parser.add_argument("--save-secs", type=float, default=None, help="the chief's time trigger (the others follow)")
     parser.add_argument("--summary-steps", type=int, default=None)
     parser.add_argument("--kill-rank", type=int, default=None, help="this rank SIGKILLs itself ...")
     parser.add_argument("--kill-at-step", type=int, default=None, help="... before taking this step (first attempt)")
@@ -106,7 +107,7 @@ def main(argv: list[str] | None = None) -> float | None:
     loss = slim.learning.train(
         train_op, args.logdir, data=data, train_step_fn=train_step, number_of_steps=args.steps,
         master=args.master, sync_optimizer=sync, log_every_n_steps=0,
-        save_interval_secs=None, save_interval_steps=args.save_steps,
+        save_interval_secs=args.save_secs, save_interval_steps=args.save_steps,
         save_summaries_secs=None, save_summaries_steps=args.summary_steps,
     )
     torch.save({"params": model.state_dict(), "loss": loss, "step": train_op.step, "restarts": restarts,
