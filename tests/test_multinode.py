@@ -53,6 +53,13 @@ def two_hosts():
             _ip("-n", ns, "link", "set", "lo", "up")
         yield list(zip(names, links, ADDRESSES))
     finally:
+        for ns in made:  # whatever still runs in a namespace (a worker of a failed run) goes with it
+            pids = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True, timeout=20).stdout
+            for pid in pids.split():
+                try:
+                    os.kill(int(pid), signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         for ns in made:  # deleting a namespace removes its end of the veth pair, and so the pair
             subprocess.run(["ip", "netns", "del", ns], capture_output=True, timeout=20)
         subprocess.run(["ip", "link", "del", links[0]], capture_output=True, timeout=20)
