@@ -1,7 +1,8 @@
-"""Tests of torchslim.distributed: synchronous replicas, Hogwild workers, restarts and dead peers.
+"""Tests of torchslim.distributed and the modules it gathers (process_group, sync_replicas, replicas, hogwild).
 
 The multi-process tests (marked slow) launch real processes on 127.0.0.1 with
 gloo: two replicas with a master URL, torchrun with restarts, run_hogwild.
+torchrun across two network namespaces is in test_multinode.py.
 """
 from __future__ import annotations
 
@@ -257,8 +258,9 @@ def test_two_replicas_match_one_process_with_twice_the_batch_and_only_the_chief_
 
     def args(rank: int) -> list[str]:
         logdir = chief_dir if rank == 0 else other_dir
+        # The chief's time trigger fires after nearly every step: each time, every replica must follow it.
         return ["--logdir", str(logdir), "--out", str(tmp_path / "out"), "--master", init,
-                "--batch", "16", "--save-steps", "20", "--summary-steps", "10"]
+                "--batch", "16", "--save-secs", "1e-6", "--summary-steps", "10"]
 
     results = finish(launch_pair(python_exe, REPLICA, args, subprocess_env))
     for rc, log in results:
@@ -271,7 +273,10 @@ def test_two_replicas_match_one_process_with_twice_the_batch_and_only_the_chief_
         assert_params_close(out["params"], baseline["params"])
         assert out["params"]["3.count"] == 50
     assert os.listdir(other_dir) == []  # the non-chief wrote nothing into its logdir
-    assert slim.checkpoint.checkpoint_step(slim.checkpoint.latest_checkpoint(str(chief_dir))) == 50
+    saved = [slim.checkpoint.checkpoint_step(p) for p in slim.checkpoint.list_checkpoints(str(chief_dir))]
+    assert saved == [46, 47, 48, 49, 50]  # one per step (max_to_keep=5), each with both replicas' parts
+    assert all(len(slim.checkpoint.load_checkpoint(p)["replicas"]) == 2
+               for p in slim.checkpoint.list_checkpoints(str(chief_dir)))
     events = EventAccumulator(str(chief_dir))
     events.Reload()
     assert [e.step for e in events.Scalars("losses/total_loss")] == [10, 20, 30, 40, 50]
@@ -282,7 +287,8 @@ def test_a_users_own_ddp_model_trains_with_the_chief_picked_by_slim(tmp_path, ba
     init = f"file://{tmp_path / 'rendezvous'}"
 
     def args(rank: int) -> list[str]:
-        return ["--logdir", str(tmp_path / "log"), "--out", str(tmp_path / "out"), "--master", init, "--ddp"]
+        return ["--logdir", str(tmp_path / "log"), "--out", str(tmp_path / "out"), "--master", init, "--ddp",
+                "--save-secs", "1e-6"]
 
     for rc, log in finish(launch_pair(python_exe, REPLICA, args, subprocess_env)):
         assert rc == 0, log
@@ -290,7 +296,17 @@ def test_a_users_own_ddp_model_trains_with_the_chief_picked_by_slim(tmp_path, ba
         params = torch.load(str(tmp_path / f"out.rank{rank}.pt"))["params"]
         del params["3.count"]  # DDP broadcasts buffers before the forward pass, torchslim after backward
         assert_params_close(params, {k: v for k, v in baseline["params"].items() if k != "3.count"})
-    assert slim.checkpoint.checkpoint_step(slim.checkpoint.latest_checkpoint(str(tmp_path / "log"))) == 50
+    path = slim.checkpoint.latest_checkpoint(str(tmp_path / "log"))
+    assert slim.checkpoint.checkpoint_step(path) == 50
+    # Written by two DDP replicas, read by one plain model: the plain names, strict=True, and evaluate_once.
+    plain = load_script(REPLICA).make_model(seed=7)
+    assert slim.checkpoint.restore_model(path, plain, strict=True) == 50
+    assert_params_close(plain.state_dict(), baseline["params"])
+    x = torch.ones(1, 8)
+    fresh = load_script(REPLICA).make_model(seed=8)
+    value = slim.evaluation.evaluate_once(path, str(tmp_path / "eval"), eval_op=lambda: fresh(x),
+                                          final_op=lambda: fresh(x).item())
+    assert value == plain(x).item()
 
 
 @pytest.mark.slow
@@ -324,28 +340,6 @@ def test_hogwild_reaches_the_synchronous_loss_target(tmp_path, python_exe, subpr
 
 
 @pytest.mark.slow
-def test_torchrun_restarts_a_killed_worker_and_all_resume_from_the_newest_checkpoint(
-    tmp_path, baseline, python_exe, subprocess_env
-):
-    cmd = [
-        python_exe, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2", "--max-restarts", "1",
-        "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--monitor-interval", "0.1",
-        REPLICA, "--logdir", str(tmp_path / "log"), "--out", str(tmp_path / "out"), "--batch", "16",
-        "--save-steps", "10", "--kill-rank", "1", "--kill-at-step", "25",
-    ]
-    run = subprocess.run(cmd, env=child_env(subprocess_env), capture_output=True, text=True, timeout=120)
-    log = run.stdout + run.stderr
-    assert run.returncode == 0, log
-    assert "rank 1: killing myself before step 25" in log
-    for rank in range(2):
-        out = torch.load(str(tmp_path / f"out.rank{rank}.pt"))
-        assert (out["step"], out["restarts"]) == (50, 1)
-        # Resumed from step 20 and ended where the uninterrupted run ends.
-        assert_params_close(out["params"], baseline["params"])
-    assert slim.checkpoint.checkpoint_step(slim.checkpoint.latest_checkpoint(str(tmp_path / "log"))) == 50
-
-
-@pytest.mark.slow
 @pytest.mark.parametrize("hang", [False, True], ids=["killed", "hung"])
 def test_survivor_fails_with_a_clear_error_within_the_timeout(tmp_path, python_exe, subprocess_env, hang):
     timeout = 4
@@ -373,3 +367,176 @@ def test_survivor_fails_with_a_clear_error_within_the_timeout(tmp_path, python_e
     assert f"The collective timeout is {timeout} s" in stderr
     if hang:  # gloo words it 'Timed out ...' or 'Application timeout caused pair closure', by timing
         assert "Timed out" in stderr or "timeout caused pair closure" in stderr
+
+
+# --------------------------------------------------------------------------- restarts agree on their generation
+
+
+def _agree_all(store, ranks, timeout=10.0, delay_leader=0.0):
+    import threading
+
+    got: dict = {}
+    errors: list = []
+
+    def run(rank: int) -> None:
+        try:
+            if rank == 0 and delay_leader:
+                time.sleep(delay_leader)
+            got[rank] = distributed.agree_on_generation(store, rank, len(ranks), timeout, prefix="run")
+        except BaseException as e:  # reported by the test thread
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in ranks]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout + 5)
+    assert not errors, errors
+    return got
+
+
+def test_restarted_rounds_agree_on_a_new_generation_despite_a_dead_rounds_keys():
+    store = dist.HashStore()  # torchrun's agent store outlives the rounds: keys of dead rounds stay
+    assert _agree_all(store, [0, 1]) == {0: 1, 1: 1}
+    # The next round's rank 1 starts before its leader and first reads generation 1, whose welcome for
+    # rank 1 (the dead round's) is still in the store: it must wait for the new leader instead.
+    assert _agree_all(store, [0, 1], delay_leader=0.3) == {0: 2, 1: 2}
+    store.add("run/generation", 1)  # a leader that drew generation 3 and died before anyone greeted it
+    assert _agree_all(store, [0, 1], delay_leader=0.3) == {0: 4, 1: 4}
+
+
+def test_generation_agreement_fails_clearly_when_a_peer_never_comes():
+    with pytest.raises(distributed.DistributedError, match=r"replica 0 of 2: ranks \[1\] did not say hello within 0 s"):
+        distributed.agree_on_generation(dist.HashStore(), 0, 2, 0.2)
+
+
+# --------------------------------------------------------------------------- per-replica state, wrapped models
+
+
+def _sync_run(logdir, steps, net=None):
+    slim.collections.reset()
+    torch.manual_seed(0)
+    net = net or torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 1))
+    sync = slim.SyncReplicasOptimizer(torch.optim.SGD(net.parameters(), lr=0.1))
+    op = create_train_op(lambda batch: net(batch).pow(2).mean(), sync, model=net)
+    data = slim.data.repeat(list(torch.randn(6, 3, 4)))
+    slim.learning.train(op, str(logdir), data=data, sync_optimizer=sync, number_of_steps=steps, log_every_n_steps=0,
+                        save_interval_secs=None, save_summaries_secs=None)
+    return net
+
+
+def test_each_replica_part_is_in_the_checkpoint_and_another_world_size_is_refused(tmp_path, single_process_group):
+    _sync_run(tmp_path / "log", 4)
+    path = slim.checkpoint.latest_checkpoint(str(tmp_path / "log"))
+    state = slim.checkpoint.load_checkpoint(path)
+    (part,) = state["replicas"]  # one replica: its own RNG streams and data position
+    assert part["data"] == {**state["data"], "epoch_rng": part["data"]["epoch_rng"]} and part["data"]["index"] == 4
+    assert torch.equal(part["rng"]["torch"], state["rng"]["torch"])
+    state["replicas"] = [part, part]  # as if two replicas had written it
+    slim.checkpoint.save_checkpoint(path, state)
+    with pytest.raises(ValueError, match=r"model.ckpt-4.pt' was written by 2 replicas but this run has 1; .* Resume "
+                                         r"with 2 replicas"):
+        _sync_run(tmp_path / "log", 8)
+
+
+def test_the_chiefs_time_trigger_reaches_every_replica_in_the_gradient_bucket(tmp_path, single_process_group):
+    slim.collections.reset()
+    net = torch.nn.Linear(4, 1)
+    sync = slim.SyncReplicasOptimizer(torch.optim.SGD(net.parameters(), lr=0.1))
+    op = create_train_op(lambda batch: net(batch).pow(2).mean(), sync, model=net)
+    asked = []
+
+    class Clock(slim.triggers.Trigger):  # due from the third step on
+        def __call__(self, step, t=None):
+            asked.append(step)
+            return step >= 3
+
+    sv = slim.supervisor.Supervisor(op, str(tmp_path), data=list(torch.randn(4, 2, 4)), sync_optimizer=sync,
+                                    save_interval_secs=None, save_summaries_secs=None)
+    sv.save_trigger = Clock()
+    with sv:
+        assert sv.replica._save_mode == "piggyback"
+        batches = sv.batches()
+        while not sv.should_stop(number_of_steps=4):
+            sv.after_step(op(next(batches)))
+        sv.finish()
+    assert asked == [1, 2, 3, 4]  # asked once per step, while the step's last bucket left
+    assert [slim.checkpoint.checkpoint_step(p) for p in slim.checkpoint.list_checkpoints(str(tmp_path))] == [3, 4]
+
+
+def test_a_ddp_wrapped_model_checkpoints_under_the_plain_models_names(tmp_path, single_process_group):
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    ddp = torch.nn.parallel.DistributedDataParallel(plain)
+    op = create_train_op(lambda batch: ddp(batch).pow(2).mean(), torch.optim.SGD(ddp.parameters(), lr=0.1))
+    assert op.model is plain
+    slim.learning.train(op, str(tmp_path), data=list(torch.randn(3, 2, 4)), log_every_n_steps=0)
+    fresh = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    assert slim.checkpoint.restore_model(slim.checkpoint.latest_checkpoint(str(tmp_path)), fresh, strict=True) == 3
+    assert_params_close(fresh.state_dict(), plain.state_dict(), atol=0)
+
+
+def test_a_compiled_model_checkpoints_under_the_plain_models_names(tmp_path):
+    torch.manual_seed(0)
+    plain = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    compiled = torch.compile(plain, backend="eager")  # the wrapper is what matters here, not inductor's code
+    op = create_train_op(lambda batch: compiled(batch).pow(2).mean(), torch.optim.SGD(plain.parameters(), lr=0.1))
+    slim.learning.train(op, str(tmp_path), data=list(torch.randn(3, 2, 4)), log_every_n_steps=0)
+    state = slim.checkpoint.load_checkpoint(slim.checkpoint.latest_checkpoint(str(tmp_path)))
+    assert sorted(state["model"]) == ["0.bias", "0.weight", "2.bias", "2.weight"]
+    fresh = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    fresh.load_state_dict(state["model"], strict=True)
+    assert_params_close(fresh.state_dict(), plain.state_dict(), atol=0)
+
+
+def test_every_distributed_module_docstring_runs():
+    import doctest
+
+    from torchslim import _modules, hogwild, process_group, replicas, sync_replicas
+
+    for module in (distributed, process_group, sync_replicas, replicas, hogwild, _modules):
+        slim.collections.reset()
+        # run as user code (functions defined in a torchslim module would be skipped by modules_of)
+        result = doctest.testmod(module, extraglobs={"__name__": "__doctest__"}, optionflags=doctest.ELLIPSIS)
+        assert result.failed == 0 and result.attempted > 0, module.__name__
+
+
+@pytest.mark.slow
+def test_every_replica_resumes_its_own_shuffle_dropout_and_streams_bitwise(tmp_path, python_exe, subprocess_env):
+    shards = os.path.join(SCRIPTS, "shards.py")
+    ref = tmp_path / "ref"
+
+    def args(rank: int) -> list[str]:
+        return ["--logdir", str(tmp_path / "ref_log"), "--out", str(ref), "--master", f"file://{tmp_path / 'rdzv'}"]
+
+    for rc, log in finish(launch_pair(python_exe, shards, args, subprocess_env), timeout=120):
+        assert rc == 0, log
+    killed = tmp_path / "killed"
+    cmd = [
+        python_exe, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2", "--max-restarts", "1",
+        "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}", "--monitor-interval", "0.1",
+        shards, "--logdir", str(tmp_path / "log"), "--out", str(killed), "--kill-rank", "1", "--kill-at-step", "13",
+    ]
+    run = subprocess.run(cmd, env=child_env(subprocess_env), capture_output=True, text=True, timeout=150)
+    assert run.returncode == 0, run.stdout + run.stderr
+    assert "rank 1: killing myself before step 13" in run.stdout + run.stderr
+
+    def batches(prefix, rank):
+        with open(f"{prefix}.rank{rank}.batches") as f:
+            return [json.loads(line) for line in f]
+
+    orders = []
+    for rank in range(2):
+        expected = {b["step"]: b["rows"] for b in batches(ref, rank)}
+        assert sorted(expected) == list(range(1, 17))  # 8 batches of 4 rows per epoch, two epochs
+        resumed = [b for b in batches(killed, rank) if b["attempt"] == 1]
+        assert [b["step"] for b in resumed] == list(range(11, 17))  # from the checkpoint at step 10, in epoch 2
+        assert all(b["rows"] == expected[b["step"]] for b in resumed), (rank, resumed)
+        out, want = torch.load(str(killed) + f".rank{rank}.pt"), torch.load(str(ref) + f".rank{rank}.pt")
+        assert out["step"] == want["step"] == 16 and out["restarts"] == 1
+        for k in want["params"]:
+            assert torch.equal(out["params"][k], want["params"][k]), (rank, k)
+        orders.append([expected[s] for s in range(1, 17)])
+    assert all(r % 2 == 0 for step in orders[0] for r in step) and orders[0][:8] != orders[0][8:]  # own shard, reshuffled
+    parts = slim.checkpoint.load_checkpoint(slim.checkpoint.latest_checkpoint(str(tmp_path / "log")))["replicas"]
+    assert len(parts) == 2 and not torch.equal(parts[0]["rng"]["torch"], parts[1]["rng"]["torch"])

@@ -6,6 +6,16 @@ or the modules its code names (globals, closure cells, default arguments,
 bound ``self``), following plain Python functions it calls a few levels
 deep. Modules nested in other found modules are dropped, so each parameter
 is saved once under its name in its top-level model.
+
+Wrappers are looked through: a ``DistributedDataParallel`` (or
+``DataParallel``) model is saved as its ``.module``, a ``torch.compile``'d one
+as its ``._orig_mod``, so checkpoints carry the plain model's names and load
+into it with ``strict=True``, whatever wrapped it in training.
+
+    >>> net = torch.nn.Linear(2, 1)
+    >>> compiled = torch.compile(net, backend='eager')
+    >>> unwrap(compiled) is net, list(as_single_module({'model': compiled}).state_dict())
+    (True, ['weight', 'bias'])
 """
 from __future__ import annotations
 
@@ -45,21 +55,46 @@ def _referenced(fn: Any) -> Iterable[tuple[str, Any]]:
         yield f"default{i}", default
 
 
-def _visit(name: str, obj: Any, depth: int, found: dict[int, tuple[str, torch.nn.Module]], seen: set[int]) -> None:
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The model inside DDP / DataParallel / ``torch.compile`` wrappers (any nesting); others as they are.
+
+    Example:
+        >>> net = torch.nn.Linear(2, 1)
+        >>> unwrap(torch.nn.DataParallel(net)) is net, unwrap(net) is net
+        (True, True)
+    """
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+
+    while True:
+        if isinstance(module, (DistributedDataParallel, DataParallel)):
+            inner = module.module
+        elif isinstance(getattr(module, "_orig_mod", None), torch.nn.Module):  # torch.compile's OptimizedModule
+            inner = module._orig_mod
+        else:
+            return module
+        module = inner
+
+
+_unwrap = unwrap  # modules_of's argument shadows the function's name
+
+
+def _visit(name: str, obj: Any, depth: int, found: dict[int, tuple[str, torch.nn.Module]], seen: set[int],
+           look_through: bool = True) -> None:
     if id(obj) in seen:
         return
     seen.add(id(obj))
     if isinstance(obj, torch.nn.Module):
-        found.setdefault(id(obj), (name, obj))
+        module = unwrap(obj) if look_through else obj
+        found.setdefault(id(module), (name, module))
         return
     if isinstance(obj, (list, tuple)) and depth < _MAX_DEPTH:
         for i, item in enumerate(obj):
-            _visit(f"{name}.{i}", item, depth + 1, found, seen)
+            _visit(f"{name}.{i}", item, depth + 1, found, seen, look_through)
         return
     if isinstance(obj, dict) and depth < _MAX_DEPTH:
         for key, item in obj.items():
             if isinstance(key, str):
-                _visit(f"{name}.{key}", item, depth + 1, found, seen)
+                _visit(f"{name}.{key}", item, depth + 1, found, seen, look_through)
         return
     if depth >= _MAX_DEPTH or not callable(obj) or isinstance(obj, type):
         return
@@ -67,11 +102,14 @@ def _visit(name: str, obj: Any, depth: int, found: dict[int, tuple[str, torch.nn
     if module_name.startswith(("torch", "torchslim", "numpy", "builtins")):
         return
     for ref_name, ref in _referenced(obj):
-        _visit(ref_name, ref, depth + 1, found, seen)
+        _visit(ref_name, ref, depth + 1, found, seen, look_through)
 
 
-def modules_of(*callables: Any) -> dict[str, torch.nn.Module]:
+def modules_of(*callables: Any, unwrap: bool = True) -> dict[str, torch.nn.Module]:
     """Top-level modules used by ``callables``, keyed by the name they are referred to by.
+
+    With ``unwrap`` (the default) a wrapped model (DDP, ``torch.compile``)
+    is given as the model inside it.
 
     Example:
         >>> net = torch.nn.Linear(2, 1)
@@ -83,11 +121,13 @@ def modules_of(*callables: Any) -> dict[str, torch.nn.Module]:
     found: dict[int, tuple[str, torch.nn.Module]] = {}
     seen: set[int] = set()
 
+    look_through = unwrap
     for i, fn in enumerate(callables):
         if isinstance(fn, torch.nn.Module):
-            found.setdefault(id(fn), ("model", fn))
+            module = _unwrap(fn) if look_through else fn
+            found.setdefault(id(module), ("model", module))
         else:
-            _visit(f"fn{i}", fn, 0, found, seen)
+            _visit(f"fn{i}", fn, 0, found, seen, look_through)
 
     modules = list(found.values())
     nested: set[int] = set()
@@ -109,10 +149,21 @@ def modules_of(*callables: Any) -> dict[str, torch.nn.Module]:
 
 
 def as_single_module(modules: dict[str, torch.nn.Module]) -> torch.nn.Module:
-    """One module whose state_dict covers ``modules``: the module itself when there is one."""
-    if len(modules) == 1:
-        return next(iter(modules.values()))
-    return torch.nn.ModuleDict({k.replace(".", "_"): m for k, m in modules.items()})
+    """One module whose state_dict covers ``modules`` (wrappers looked through): the module itself when there is one.
+
+    Example:
+        >>> a, b = torch.nn.Linear(1, 1), torch.nn.Linear(1, 1)
+        >>> as_single_module({'a': a}) is a, sorted(as_single_module({'a': a, 'b': b}).state_dict())
+        (True, ['a.bias', 'a.weight', 'b.bias', 'b.weight'])
+    """
+    plain: dict[str, torch.nn.Module] = {}
+    for key, m in modules.items():
+        inner = _unwrap(m)
+        if all(inner is not other for other in plain.values()):
+            plain[key] = inner
+    if len(plain) == 1:
+        return next(iter(plain.values()))
+    return torch.nn.ModuleDict({k.replace(".", "_"): m for k, m in plain.items()})
 
 
 def callable_name(fn: Callable[..., Any]) -> str:

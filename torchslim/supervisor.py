@@ -160,6 +160,8 @@ class Supervisor:
             )
         if "rng" in state:
             set_rng_state(state["rng"])
+        if self.replica is not None:  # keeps the checkpoint's per-replica parts (torchslim.replicas)
+            self.replica.restore(state)
 
     # -- start ---------------------------------------------------------------
     def start(self) -> None:
@@ -229,7 +231,11 @@ class Supervisor:
         if op.record_summaries:
             self.write_summaries(loss)
         trigger = self.save_trigger
-        if trigger is not None and trigger(op.step):
+        if self.replica is not None:  # every replica gives the same answer (torchslim.replicas)
+            due = self.replica.save_due(op.step, trigger)
+        else:
+            due = trigger is not None and trigger(op.step)
+        if due:
             self.save(block=False)
 
     def write_summaries(self, loss: torch.Tensor | None) -> None:
@@ -253,6 +259,8 @@ class Supervisor:
 
     def save(self, block: bool = True) -> str | None:
         """Checkpoints the current state now (chief only); off-thread unless ``block``."""
+        # Every replica hands the chief its own RNG streams and data position (torchslim.replicas).
+        parts = self.replica.replica_states(self) if self.replica is not None else None
         if self.saver is None or not self.is_chief or self.logdir is None:
             return None
         step = self.train_op.step
@@ -260,6 +268,8 @@ class Supervisor:
             self.saver.wait()
             return self.saver.checkpoint_path(self.logdir, step)
         state = _checkpoint.snapshot(self.state_dict())
+        if parts is not None:
+            state["replicas"] = parts
         self._last_saved_step = step
         if block:
             return self.saver.save(self.logdir, state, step)
@@ -271,6 +281,8 @@ class Supervisor:
         if self.logdir is not None and self.is_chief:
             logger.info("Finished training! Saving model to disk.")
             self.save(block=True)
+        elif self.replica is not None:
+            self.save(block=True)  # a non-chief replica hands the chief its part of the final checkpoint
         if self._summaries_on and self.writer is not None:
             self.writer.flush()
 

@@ -65,10 +65,13 @@ def main(argv: list[str] | None = None) -> float | None:
     parser.add_argument("--ddp", action="store_true", help="the user's own DistributedDataParallel, no sync_optimizer")
     parser.add_argument("--clip", type=float, default=0.5)
     parser.add_argument("--save-steps", type=int, default=None)
+    parser.add_argument("--save-secs", type=float, default=None, help="the chief's time trigger (the others follow)")
     parser.add_argument("--summary-steps", type=int, default=None)
     parser.add_argument("--kill-rank", type=int, default=None, help="this rank SIGKILLs itself ...")
     parser.add_argument("--kill-at-step", type=int, default=None, help="... before taking this step (first attempt)")
     parser.add_argument("--hang", action="store_true", help="sleep instead of dying (a stuck peer)")
+    parser.add_argument("--kill-once-file", default=None,
+                        help="kill only while this file does not exist, and create it (the restart count is per node)")
     args = parser.parse_args(argv)
 
     rank = int(os.environ.get("RANK", "0"))
@@ -91,7 +94,10 @@ def main(argv: list[str] | None = None) -> float | None:
     train_op = slim.learning.create_train_op(total_loss, sync or optimizer, clip_gradient_norm=args.clip, model=model)
 
     def train_step(op, batch, global_step, kwargs):
-        if rank == args.kill_rank and restarts == 0 and op.step + 1 == args.kill_at_step:
+        first_attempt = restarts == 0 if args.kill_once_file is None else not os.path.exists(args.kill_once_file)
+        if rank == args.kill_rank and first_attempt and op.step + 1 == args.kill_at_step:
+            if args.kill_once_file is not None:
+                open(args.kill_once_file, "w").close()
             print(f"rank {rank}: {'hanging' if args.hang else 'killing myself'} before step {op.step + 1}", flush=True)
             if args.hang:
                 time.sleep(3600)
@@ -101,7 +107,7 @@ def main(argv: list[str] | None = None) -> float | None:
     loss = slim.learning.train(
         train_op, args.logdir, data=data, train_step_fn=train_step, number_of_steps=args.steps,
         master=args.master, sync_optimizer=sync, log_every_n_steps=0,
-        save_interval_secs=None, save_interval_steps=args.save_steps,
+        save_interval_secs=args.save_secs, save_interval_steps=args.save_steps,
         save_summaries_secs=None, save_summaries_steps=args.summary_steps,
     )
     torch.save({"params": model.state_dict(), "loss": loss, "step": train_op.step, "restarts": restarts,

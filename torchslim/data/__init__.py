@@ -19,6 +19,12 @@ uninterrupted run):
   starts the epoch again and skips the batches already trained on (skipping
   loads them, so it costs one partial pass of data loading).
 
+Epochs reshuffle: at the start of each epoch (a resumed one included) the
+epoch number is given to ``set_epoch`` of the data and of its sampler and
+batch sampler when they have one, as a ``DistributedSampler`` needs to draw
+a new order per epoch; the epoch is part of the saved position, so a run
+resumed in its second epoch continues that epoch's order.
+
 What does not: one-shot iterators and generators (``iter(x) is x``); after a
 restart they continue from wherever the new iterator starts, and a warning
 says so. Samplers that draw from numpy's or Python's global RNG are not
@@ -32,7 +38,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["ResumableIterable", "is_one_shot", "make_resumable", "repeat"]
+__all__ = ["ResumableIterable", "is_one_shot", "make_resumable", "repeat", "set_epoch"]
 
 logger = logging.getLogger("torchslim")
 
@@ -62,12 +68,34 @@ def _generators(data: Any) -> list[torch.Generator]:
     return found
 
 
+def set_epoch(data: Any, epoch: int) -> list[Any]:
+    """Calls ``set_epoch(epoch)`` on ``data`` and its samplers that have one; returns those called.
+
+    Example:
+        >>> ds = list(range(8))
+        >>> sampler = torch.utils.data.DistributedSampler(ds, num_replicas=2, rank=0, shuffle=True, seed=0)
+        >>> loader = torch.utils.data.DataLoader(ds, sampler=sampler, batch_size=4)
+        >>> [type(s).__name__ for s in set_epoch(loader, 1)], sampler.epoch
+        (['DistributedSampler'], 1)
+    """
+    called: list[Any] = []
+    batch_sampler = getattr(data, "batch_sampler", None)
+    for owner in (data, getattr(data, "sampler", None), batch_sampler, getattr(batch_sampler, "sampler", None)):
+        method = getattr(owner, "set_epoch", None)
+        if owner is not None and callable(method) and all(owner is not c for c in called):
+            method(epoch)
+            called.append(owner)
+    return called
+
+
 class ResumableIterable:
     """Iterates ``data`` for ``num_epochs`` passes and can resume mid-epoch.
 
     Args:
         data: a re-iterable (list, tensor, Dataset, DataLoader, ...).
         num_epochs: passes to make; None for no end.
+
+    Each epoch starts with :func:`set_epoch` on ``data`` (DistributedSampler).
 
     Example:
         >>> r = ResumableIterable([1, 2, 3], num_epochs=2)
@@ -108,6 +136,7 @@ class ResumableIterable:
             self.epoch, self.index = 0, 0
         while self.num_epochs is None or self.epoch < self.num_epochs:
             skip = 0
+            set_epoch(self.data, self.epoch)
             if resume is not None and resume["epoch_rng"] is not None:
                 now = torch.get_rng_state()
                 self._epoch_rng = resume["epoch_rng"]
