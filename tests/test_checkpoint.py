@@ -31,8 +31,10 @@ def test_a_failed_save_leaves_nothing_behind(tmp_path):
 
 
 def test_a_failed_write_leaves_nothing_behind(tmp_path, monkeypatch):
-    def fail_midway(f, payload):
-        f.write(payload[:10])
+    real_write = checkpoint._write_payload
+
+    def fail_midway(f, flat):
+        real_write(f, flat)  # the whole file, then the disk fills before the fsync and rename
         raise OSError("disk full")
 
     monkeypatch.setattr(checkpoint, "_write_payload", fail_midway)
