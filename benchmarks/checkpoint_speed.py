@@ -38,7 +38,7 @@ import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from torchslim import _checkpoint_format, checkpoint  # noqa: E402
+from torchslim import _checkpoint_format, checkpoint
 
 
 def _rss() -> int:
@@ -133,7 +133,7 @@ def main() -> None:
                     f.flush()
                     os.fsync(f.fileno())
 
-            def slim_save() -> None:
+            def slim_save(step: int = step) -> None:
                 with _PeakRSS() as rss:
                     sync_saver.save(slim_dir, state(), step)
                 memory["Saver.save"].append((rss.peak - rss.base) / nbytes)
@@ -144,7 +144,7 @@ def main() -> None:
             torch_save()
             latest = checkpoint.latest_checkpoint(slim_dir)
             loads = [("torch.load", lambda: torch.load(torch_path, weights_only=True)),
-                     ("load_checkpoint", lambda: checkpoint.load_checkpoint(latest))]
+                     ("load_checkpoint", lambda latest=latest: checkpoint.load_checkpoint(latest))]
             for name, fn in loads if r % 2 == 0 else reversed(loads):
                 times[name].append(_timed(fn))
                 gc.collect()
@@ -153,7 +153,7 @@ def main() -> None:
             step += 1
             waited = _checkpoint_format.staging_wait_seconds
             with _PeakRSS() as rss:
-                call = _timed(lambda: bg_saver.save_async(slim_dir, state(), step))
+                call = _timed(lambda: bg_saver.save_async(slim_dir, state(), step))  # noqa: B023 (called at once)
                 during = []
                 while bg_saver._jobs.unfinished_tasks:
                     during.append(_step(model, optimizer, batch))

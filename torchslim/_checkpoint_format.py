@@ -245,7 +245,7 @@ class Stager:
             try:
                 for event in events:
                     event.synchronize()
-                for dst, src, versions in deferred:
+                for dst, src, _ in deferred:
                     dst.copy_(src)
                 for _, _, versions in deferred:
                     for t, version in versions:
@@ -295,7 +295,7 @@ def write_flat(f: BinaryIO, flat: FlatState) -> None:
         _write_all(f, part)
     for storage in flat.storages:
         host = storage if storage.device.type == "cpu" else storage.cpu()  # a synchronous save of GPU tensors
-        view = memoryview(host.numpy())
+        view = host.numpy().data
         for start in range(0, len(view), _CHUNK):
             chunk = view[start:start + _CHUNK]
             crc = _crc(chunk, crc)
@@ -478,7 +478,7 @@ def read_file(path: str, map_location: Any = "cpu") -> Any:
         storages = []
         for n in sizes:
             buf = torch.empty(n, dtype=torch.uint8)
-            crc = _read_into(f, memoryview(buf.numpy()), crc, path)
+            crc = _read_into(f, buf.numpy().data, crc, path)
             storages.append(buf)
     if crc != stored:
         raise CorruptCheckpointError(path, "crc32c digest mismatch (file altered or partly written)")
