@@ -7,7 +7,8 @@ plus SGD momentum take --size-mib (768 MiB: about 100M parameters). Each
 round, interleaved: torch.save of the state and a synchronous Saver.save
 (fsync of file and directory included) into the same directory;
 torch.load(weights_only=True) and load_checkpoint (integrity check
-included) of those files; then a background save (Saver.save_async of the
+included) of those files (os.sync() between timed saves, untimed, so none
+pays for the write-back another left behind); then a background save (Saver.save_async of the
 live state) in the middle of training steps. Prints the medians, ranges and
 the three ratios of the issue:
 
@@ -140,6 +141,7 @@ def main() -> None:
 
             saves = [("torch.save", torch_save), ("Saver.save", slim_save), ("torch.save+fsync", torch_save_fsync)]
             for name, fn in saves if r % 2 == 0 else reversed(saves):
+                os.sync()  # untimed: no save pays for the write-back another one left behind
                 times[name].append(_timed(fn))
             torch_save()
             latest = checkpoint.latest_checkpoint(slim_dir)

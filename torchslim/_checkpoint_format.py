@@ -37,6 +37,7 @@ import hashlib
 import io
 import json
 import os
+import queue
 import struct
 import sys
 import threading
@@ -293,15 +294,32 @@ def write_flat(f: BinaryIO, flat: FlatState) -> None:
     for part in (manifest, skeleton):
         crc = _crc(part, crc)
         _write_all(f, part)
-    for storage in flat.storages:
-        host = storage if storage.device.type == "cpu" else storage.cpu()  # a synchronous save of GPU tensors
-        view = host.numpy().data
-        for start in range(0, len(view), _CHUNK):
-            chunk = view[start:start + _CHUNK]
-            crc = _crc(chunk, crc)
-            _write_all(f, chunk)
+    # The digest runs on a second thread, chunk by chunk right behind the writes (both release the GIL),
+    # so a save costs the write, not the write plus a pass over the data.
+    chunks: queue.SimpleQueue[Any] = queue.SimpleQueue()
+    digest = [crc]
+
+    def checksum() -> None:
+        value = digest[0]
+        while (chunk := chunks.get()) is not None:
+            value = _crc(chunk, value)
+        digest[0] = value
+
+    summer = threading.Thread(target=checksum, name="torchslim-crc32c", daemon=True)
+    summer.start()
+    try:
+        for storage in flat.storages:
+            host = storage if storage.device.type == "cpu" else storage.cpu()  # a synchronous save of GPU tensors
+            view = host.numpy().data
+            for start in range(0, len(view), _CHUNK):
+                chunk = view[start:start + _CHUNK]
+                chunks.put(chunk)
+                _write_all(f, chunk)
+    finally:
+        chunks.put(None)
+        summer.join()
     f.seek(0)
-    _write_all(f, HEADER.pack(MAGIC, crc, *lengths))
+    _write_all(f, HEADER.pack(MAGIC, digest[0], *lengths))
 
 
 # ----------------------------------------------------------------- reading

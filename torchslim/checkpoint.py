@@ -40,7 +40,6 @@ import logging
 import math
 import os
 import queue
-import re
 import sys
 import tempfile
 import threading
@@ -52,6 +51,18 @@ import torch
 
 from torchslim import _checkpoint_format as _format
 from torchslim._checkpoint_format import MAGIC, MAGIC_V1, CheckpointError, CorruptCheckpointError
+from torchslim._checkpoint_index import (
+    DEFAULT_PREFIX,
+    INDEX_FILE,
+    _check_path,
+    _find,
+    _parse_index,
+    checkpoint_step,
+    latest_checkpoint,
+    list_checkpoints,
+    read_index,
+    stored_step,
+)
 
 __all__ = [
     "CheckpointError",
@@ -64,6 +75,7 @@ __all__ = [
     "list_checkpoints",
     "load_checkpoint",
     "load_model_state",
+    "read_index",
     "restore_model",
     "save_checkpoint",
     "snapshot",
@@ -73,8 +85,6 @@ __all__ = [
 
 logger = logging.getLogger("torchslim")
 
-DEFAULT_PREFIX = "model.ckpt"
-INDEX_FILE = "checkpoint.json"
 FORMAT = "torchslim/2"
 _FORMATS = ("torchslim/1", FORMAT)
 _ = (MAGIC, MAGIC_V1)  # re-exported: variables.py tells torchslim files from plain torch.save files by them
@@ -125,12 +135,6 @@ def _atomic_write(path: str, write: Callable[[Any], None]) -> None:
 
 def _write_payload(f: Any, flat: _format.FlatState) -> None:
     _format.write_flat(f, flat)
-
-
-def _check_path(arg: str, path: Any) -> str:
-    if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
-        raise ValueError(f"{arg} must be a non-empty file path, got {path!r}")
-    return os.fspath(path)
 
 
 def _write_flat_file(path: str, flat: _format.FlatState) -> None:
@@ -206,138 +210,6 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
     loaded = CheckpointState(state)
     loaded.path = path
     return loaded
-
-
-# ----------------------------------------------------------------- finding checkpoints
-_STEP_RE = re.compile(r"^(?P<prefix>.+)-(?P<step>\d+)\.pt$")
-_probe_cache: dict[str, tuple[tuple[int, int, int], tuple[int, int | None] | None]] = {}
-
-
-def checkpoint_step(path: str | os.PathLike[str]) -> int:
-    """The global step encoded in a checkpoint file name (see :func:`stored_step` for the one inside).
-
-    Example:
-        >>> checkpoint_step('/tmp/logdir/model.ckpt-1200.pt')
-        1200
-    """
-    m = _STEP_RE.match(os.path.basename(os.fspath(path)))
-    if m is None:
-        raise ValueError(f"path must name a checkpoint like 'model.ckpt-<step>.pt', got {path!r}")
-    return int(m.group("step"))
-
-
-def _probe(path: str) -> tuple[tuple[int, int, int], tuple[int, int | None] | None] | None:
-    """``(identity, (format, stored step))`` of a file, from its header, cached while the file is unchanged."""
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    identity = (st.st_ino, st.st_size, st.st_mtime_ns)
-    cached = _probe_cache.get(path)
-    if cached is not None and cached[0] == identity:
-        return cached
-    entry = (identity, _format.probe(path))
-    if len(_probe_cache) > 4096:
-        _probe_cache.clear()
-    _probe_cache[path] = entry
-    name_step = checkpoint_step(path) if _STEP_RE.match(os.path.basename(path)) else None
-    stored = entry[1][1] if entry[1] else None
-    if stored is not None and name_step is not None and stored != name_step:
-        logger.warning("Checkpoint %s holds global step %d although its name says %d; it is ordered by its "
-                       "stored step", path, stored, name_step)
-    return entry
-
-
-def stored_step(path: str | os.PathLike[str]) -> int | None:
-    """The global step recorded inside a checkpoint's header (None: not recorded, or a format 1 file).
-
-    Example:
-        >>> import tempfile, os
-        >>> p = os.path.join(tempfile.mkdtemp(), 'model.ckpt-500.pt')
-        >>> save_checkpoint(p, {'global_step': 20})
-        >>> stored_step(p), checkpoint_step(p)
-        (20, 500)
-    """
-    found = _probe(_check_path("path", path))
-    return found[1][1] if found is not None and found[1] is not None else None
-
-
-def _index_prefix(checkpoint_dir: str) -> str | None:
-    prefix = read_index(checkpoint_dir).get("prefix")
-    return prefix if isinstance(prefix, str) and prefix and os.sep not in prefix else None
-
-
-class _Found:
-    __slots__ = ("identity", "name_step", "path", "step")
-
-    def __init__(self, path: str, step: int, name_step: int, identity: tuple[int, int, int]) -> None:
-        self.path, self.step, self.name_step, self.identity = path, step, name_step, identity
-
-
-def _find(checkpoint_dir: str, prefix: str | None) -> list[_Found]:
-    """Checkpoint files of ``checkpoint_dir`` ordered by stored global step (the name's when none is stored).
-
-    ``prefix`` None: the prefix the index records when files of it exist,
-    else every file named ``<anything>-<step>.pt`` that is a torchslim
-    checkpoint (whatever Saver prefix wrote it).
-    """
-    try:
-        names = os.listdir(checkpoint_dir)
-    except OSError:
-        return []
-    matches = [(m.group("prefix"), int(m.group("step")), name) for name in names
-               if not name.startswith(".tmp-") and (m := _STEP_RE.match(name))]
-    if prefix is None:
-        indexed = _index_prefix(checkpoint_dir)
-        chosen = [c for c in matches if c[0] == indexed] if indexed is not None else []
-        any_prefix = not chosen
-        if any_prefix:
-            chosen = matches
-    else:
-        chosen, any_prefix = [c for c in matches if c[0] == prefix], False
-    found = []
-    for _, name_step, name in chosen:
-        path = os.path.join(checkpoint_dir, name)
-        probed = _probe(path)
-        if probed is None:  # gone, or a dangling link: listed by name, so a reader says why it cannot load it
-            found.append(_Found(path, name_step, name_step, (0, 0, 0)))
-            continue
-        if any_prefix and probed[1] is None:
-            continue  # searching every prefix: not a torchslim checkpoint
-        stored = probed[1][1] if probed[1] else None
-        found.append(_Found(path, name_step if stored is None else stored, name_step, probed[0]))
-    found.sort(key=lambda f: (f.step, f.name_step, f.path))
-    return found
-
-
-def list_checkpoints(checkpoint_dir: str | os.PathLike[str], prefix: str | None = None) -> list[str]:
-    """Complete checkpoint files in ``checkpoint_dir``, oldest first by the global step stored in each.
-
-    ``prefix``: only files ``<prefix>-<step>.pt``; None (default): the
-    prefix recorded in the directory's index, or, without one, every
-    torchslim checkpoint whatever its prefix. Temporary files of a save in
-    progress are never listed; a file whose name disagrees with its stored
-    step is reported once (a warning) and ordered by the stored step.
-    Integrity is not checked here (see :func:`verify_checkpoint`).
-
-    Example:
-        >>> list_checkpoints('/nonexistent')
-        []
-    """
-    return [f.path for f in _find(os.fspath(checkpoint_dir), prefix)]
-
-
-def latest_checkpoint(checkpoint_dir: str | os.PathLike[str], prefix: str | None = None) -> str | None:
-    """Path of the newest checkpoint (highest stored global step) in ``checkpoint_dir``, or None.
-
-    ``prefix`` as in :func:`list_checkpoints`.
-
-    Example:
-        >>> latest_checkpoint('/nonexistent') is None
-        True
-    """
-    found = _find(os.fspath(checkpoint_dir), prefix)
-    return found[-1].path if found else None
 
 
 # ----------------------------------------------------------------- snapshots and models
@@ -456,64 +328,6 @@ def restore_model(checkpoint: str | os.PathLike[str] | Mapping[str, Any], model:
     state = load_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
     load_model_state(model, state, strict=strict)
     return int(state.get("global_step", 0))
-
-
-# ----------------------------------------------------------------- the index
-def _entry_problem(entry: Any) -> str | None:
-    if not isinstance(entry, dict):
-        return f"is a {type(entry).__name__}, expected an object"
-    name = entry.get("file")
-    if not isinstance(name, str) or os.path.basename(name) != name or not _STEP_RE.match(name):
-        return f"has no checkpoint file name (file={name!r})"
-    if "step" not in entry:
-        return "has no 'step'"
-    step = entry["step"]
-    if type(step) is not int or step < 0:
-        return f"has step {step!r}, expected an int >= 0"
-    t = entry.get("time")
-    if not isinstance(t, (int, float)) or isinstance(t, bool) or not math.isfinite(t):
-        return f"has time {t!r}, expected a number"
-    return None
-
-
-def _parse_index(checkpoint_dir: str) -> tuple[dict[str, Any], str | None]:
-    """The index and, when it is malformed, what is wrong with it."""
-    path = os.path.join(checkpoint_dir, INDEX_FILE)
-    if not os.path.lexists(path):
-        return {}, None
-    if os.path.isdir(path):
-        return {}, "it is a directory"
-    try:
-        with open(path, "rb") as f:
-            index = json.loads(f.read())
-    except (OSError, ValueError) as e:
-        return {}, f"it is not readable JSON ({type(e).__name__}: {e})"
-    if not isinstance(index, dict):
-        return {}, f"it holds a {type(index).__name__}, expected an object"
-    for key in ("recent", "kept"):
-        entries = index.get(key, [])
-        if not isinstance(entries, list):
-            return {}, f"{key!r} is a {type(entries).__name__}, expected a list"
-        for i, entry in enumerate(entries):
-            problem = _entry_problem(entry)
-            if problem is not None:
-                return {}, f"entry {i} of {key!r} {problem}"
-    preserved = index.get("last_preserved_time")
-    if preserved is not None and (type(preserved) not in (int, float) or not math.isfinite(preserved)):
-        return {}, f"'last_preserved_time' is {preserved!r}, expected a number"
-    if not isinstance(index.get("prefix", DEFAULT_PREFIX), str):
-        return {}, f"'prefix' is {index.get('prefix')!r}, expected a string"
-    return index, None
-
-
-def read_index(checkpoint_dir: str | os.PathLike[str]) -> dict[str, Any]:
-    """The parsed ``checkpoint.json`` of a directory ({} when missing or malformed).
-
-    Example:
-        >>> read_index('/nonexistent')
-        {}
-    """
-    return _parse_index(os.fspath(checkpoint_dir))[0]
 
 
 class Saver:
