@@ -256,7 +256,7 @@ def _first_mismatch(model_state: Mapping[str, Any], saved: Mapping[str, Any], st
     problems = []
     for name, value in model_state.items():
         if name not in saved:
-            if strict:
+            if strict and not name.endswith("num_batches_tracked"):  # torch fills that in for old batch norms
                 problems.append(f"parameter {name!r} of the model is missing from the checkpoint")
         elif isinstance(value, torch.Tensor) and isinstance(saved[name], torch.Tensor) \
                 and tuple(value.shape) != tuple(saved[name].shape):
