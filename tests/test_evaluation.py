@@ -540,3 +540,59 @@ def test_a_stateless_module_in_eval_op_does_not_break_the_restore(tmp_path):
     assert torch.equal(model.weight, src.weight)
     with torch.no_grad():
         assert loss == pytest.approx(float(torch.nn.functional.cross_entropy(src(x), y)))
+
+
+# ------------------------------------------------------- finding every checkpoint the trainer writes
+def test_saver_prefix_checkpoints_are_found_by_evaluation_loop(tmp_path):
+    torch.manual_seed(0)
+    train_dir, model = str(tmp_path / "train"), ScaleModel()
+    x = torch.ones(4, 1)
+    op = slim.learning.create_train_op(lambda b: (model(b) - 2.0).pow(2).mean(), torch.optim.SGD(model.parameters(), lr=0.1))
+    slim.learning.train(op, train_dir, data=[x] * 20, number_of_steps=6, log_every_n_steps=0, save_summaries_secs=None,
+                        save_interval_secs=None, save_interval_steps=3, saver=checkpoint.Saver(prefix="chkpt"))
+    assert sorted(n for n in os.listdir(train_dir) if n.endswith(".pt")) == ["chkpt-3.pt", "chkpt-6.pt"]
+    value, update = metrics.streaming_mean()
+    steps = []
+
+    class Steps(evaluation.EvaluationHook):
+        def end(self, context):
+            steps.append(context.global_step)
+
+    t = FakeTime()
+    evaluation.evaluation_loop(train_dir, str(tmp_path / "eval"), eval_op=lambda: update(model.scale), final_op=value,
+                               hooks=[Steps()], eval_interval_secs=0, timeout=5, clock=t.clock, sleep=t.sleep)
+    assert steps == [3, 6]
+    assert evaluation.wait_for_new_checkpoint(train_dir, timeout=0).endswith("chkpt-6.pt")
+    assert [os.path.basename(p) for p in evaluation.checkpoints_iterator(train_dir, timeout=0)] == ["chkpt-6.pt"]
+    # The readers also take the prefix, and find nothing under another one.
+    assert evaluation.wait_for_new_checkpoint(train_dir, timeout=0, prefix="chkpt").endswith("chkpt-6.pt")
+    assert evaluation.wait_for_new_checkpoint(train_dir, timeout=0, prefix="model.ckpt") is None
+    with pytest.raises(ValueError, match="argument 'prefix'"):
+        evaluation.evaluation_loop(train_dir, str(tmp_path / "eval"), timeout=0, prefix="")
+
+
+def test_checkpoints_are_evaluated_by_their_stored_step_and_none_that_exists_is_waited_past(tmp_path):
+    model, train_dir = ScaleModel(), str(tmp_path / "train")
+    os.makedirs(train_dir)
+    _save(train_dir, 10, model)
+    os.rename(_save(train_dir, 20, model), os.path.join(train_dir, "model.ckpt-500.pt"))   # holds step 20
+    _save(train_dir, 30, model)
+    value, update = metrics.streaming_mean()
+    seen = []
+
+    class Steps(evaluation.EvaluationHook):
+        def end(self, context):
+            seen.append((os.path.basename(context.checkpoint_path), context.global_step))
+
+    t = FakeTime()
+    written = []
+
+    def sleep(seconds):
+        t.sleep(seconds)
+        if not written:  # a trainer restarted from step 10 writes step 15 after the evaluator passed step 30
+            written.append(_save(train_dir, 15, model))
+
+    evaluation.evaluation_loop(train_dir, str(tmp_path / "eval"), eval_op=lambda: update(model.scale), final_op=value,
+                               hooks=[Steps()], eval_interval_secs=0, timeout=5, clock=t.clock, sleep=sleep)
+    assert seen == [("model.ckpt-10.pt", 10), ("model.ckpt-500.pt", 20), ("model.ckpt-30.pt", 30),
+                    ("model.ckpt-15.pt", 15)]

@@ -209,7 +209,7 @@ class TestRefusesCode:
         torch.save({"model": {"w": _Evil(str(marker))}}, buf)
         payload = buf.getvalue()
         path = tmp_path / "model.ckpt-1.pt"
-        path.write_bytes(struct.pack("<8s32sQ", checkpoint.MAGIC, hashlib.sha256(payload).digest(), len(payload)) + payload)
+        path.write_bytes(struct.pack("<8s32sQ", checkpoint.MAGIC_V1, hashlib.sha256(payload).digest(), len(payload)) + payload)
         with pytest.raises(checkpoint.CorruptCheckpointError, match="refused"):
             variables.assign_from_checkpoint_fn(str(path), {"w": torch.zeros(1)})
         assert not marker.exists()

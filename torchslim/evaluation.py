@@ -71,9 +71,9 @@ from torchslim._modules import as_single_module, modules_of
 from torchslim.checkpoint import (
     CheckpointError,
     CorruptCheckpointError,
+    _find,
     checkpoint_step,
     latest_checkpoint,
-    list_checkpoints,
     load_checkpoint,
 )
 from torchslim.learning import _USE_DEFAULT
@@ -709,14 +709,17 @@ def wait_for_new_checkpoint(
     seconds_to_sleep: float = 1,
     timeout: float | None = None,
     *,
+    prefix: str | None = None,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> str | None:
     """Waits until the newest checkpoint in ``checkpoint_dir`` is not ``last_checkpoint``; returns its path.
 
     Polls every ``seconds_to_sleep``; returns None once waiting longer would
-    pass ``timeout`` seconds (None: wait forever). ``clock`` and ``sleep``
-    are injectable so tests need not wait.
+    pass ``timeout`` seconds (None: wait forever). "Newest" is by the global
+    step stored in each file; ``prefix`` (default: the one the directory's
+    index records, else any) as in ``slim.checkpoint.list_checkpoints``.
+    ``clock`` and ``sleep`` are injectable so tests need not wait.
 
     Example:
         >>> slept = []
@@ -730,11 +733,12 @@ def wait_for_new_checkpoint(
     _check_dir(fn, checkpoint_dir)
     _check_seconds(fn, "seconds_to_sleep", seconds_to_sleep, allow_none=False, allow_zero=False)
     _check_seconds(fn, "timeout", timeout)
+    _check_prefix(fn, prefix)
     directory = os.fspath(checkpoint_dir)
     logger.info("Waiting for new checkpoint at %s", directory)
 
     def find() -> str | None:
-        path = latest_checkpoint(directory)
+        path = latest_checkpoint(directory, prefix)
         return None if path is None or path == last_checkpoint else path
 
     found = _wait_until(find, seconds_to_sleep, timeout, clock, sleep)
@@ -749,6 +753,12 @@ def _check_dir(fn: str, checkpoint_dir: Any) -> None:
                          f"(torchslim has no leading 'master' argument)")
 
 
+def _check_prefix(fn: str, prefix: Any) -> None:
+    if prefix is not None and (not isinstance(prefix, str) or not prefix or os.sep in prefix):
+        raise ValueError(f"{fn}: argument 'prefix' must be None (the prefix the directory's index records) or the "
+                         f"Saver's file name prefix such as 'model.ckpt', got {prefix!r}")
+
+
 def _iterate_checkpoints(
     directory: str,
     min_interval_secs: float,
@@ -758,16 +768,29 @@ def _iterate_checkpoints(
     seconds_to_sleep: float,
     clock: Callable[[], float],
     sleep: Callable[[float], None],
+    prefix: str | None = None,
 ) -> Iterator[str]:
-    last_path: str | None = None
-    last_step = -1
+    # A file is "seen" by its path and its identity on disk (inode, size, mtime), so a checkpoint
+    # rewritten in place, or written by a trainer restarted from an older step, is not waited past.
+    last: tuple[str, tuple[int, int, int]] | None = None
+    seen: set[tuple[str, tuple[int, int, int]]] = set()
+    chosen: tuple[str, tuple[int, int, int]] | None = None
 
     def newest() -> str | None:
-        path = latest_checkpoint(directory)
-        return None if path is None or path == last_path else path
+        nonlocal chosen
+        found = _find(directory, prefix)
+        if not found or (found[-1].path, found[-1].identity) == last:
+            return None
+        chosen = (found[-1].path, found[-1].identity)
+        return found[-1].path
 
     def oldest_unseen() -> str | None:
-        return next((p for p in list_checkpoints(directory) if checkpoint_step(p) > last_step), None)
+        nonlocal chosen
+        for f in _find(directory, prefix):  # oldest first by stored global step
+            if (f.path, f.identity) not in seen:
+                chosen = (f.path, f.identity)
+                return f.path
+        return None
 
     while True:
         logger.info("Waiting for new checkpoint at %s", directory)
@@ -780,7 +803,9 @@ def _iterate_checkpoints(
                 return
             continue
         start = clock()
-        last_path, last_step = path, checkpoint_step(path)
+        last = chosen
+        if chosen is not None:
+            seen.add(chosen)
         yield path
         remaining = start + min_interval_secs - clock()
         if remaining > 0:
@@ -794,6 +819,7 @@ def checkpoints_iterator(
     timeout_fn: Callable[[], bool] | None = None,
     *,
     seconds_to_sleep: float = 1,
+    prefix: str | None = None,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> Iterator[str]:
@@ -804,7 +830,9 @@ def checkpoints_iterator(
     True and waits again when it returns False. Yields are at least
     ``min_interval_secs`` apart. Checkpoints written while the caller works
     on the previous one are skipped in favour of the newest (use
-    :func:`evaluation_loop` to evaluate every one).
+    :func:`evaluation_loop` to evaluate every one). Checkpoints are ordered
+    by the global step stored in each; ``prefix`` as in
+    :func:`wait_for_new_checkpoint` (default: whatever prefix the Saver used).
 
     Example:
         >>> list(checkpoints_iterator('/nonexistent', timeout=0))
@@ -817,8 +845,9 @@ def checkpoints_iterator(
     _check_seconds(fn, "seconds_to_sleep", seconds_to_sleep, allow_none=False, allow_zero=False)
     if timeout_fn is not None and not callable(timeout_fn):
         raise TypeError(f"{fn}: argument 'timeout_fn' must be a callable taking no argument or None, got {timeout_fn!r}")
+    _check_prefix(fn, prefix)
     return _iterate_checkpoints(os.fspath(checkpoint_dir), min_interval_secs, timeout, timeout_fn, False,
-                                seconds_to_sleep, clock, sleep)
+                                seconds_to_sleep, clock, sleep, prefix)
 
 
 def evaluation_loop(
@@ -844,6 +873,7 @@ def evaluation_loop(
     data: Iterable[Any] | None = None,
     master: str = "",
     *,
+    prefix: str | None = None,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
 ) -> Any:
@@ -854,13 +884,15 @@ def evaluation_loop(
     at least this far apart; the directory is polled every
     ``min(1, eval_interval_secs)`` seconds, at least 0.05),
     ``max_number_of_evaluations`` (None: forever), ``timeout`` and
-    ``timeout_fn`` (as :func:`checkpoints_iterator`), ``clock`` and
-    ``sleep`` (injectable time).
+    ``timeout_fn`` (as :func:`checkpoints_iterator`), ``prefix`` (the
+    Saver's file prefix; default: the one the directory's index records,
+    else any), ``clock`` and ``sleep`` (injectable time).
 
     Unlike TF, a checkpoint written while another is evaluated is not
     skipped: each one newer than the last evaluated is evaluated in turn.
     One that vanishes before it is loaded (a trainer's ``max_to_keep``) or
-    cannot be read is skipped with a warning; an error raised by the
+    cannot be read is skipped with a warning (a file rewritten later is
+    evaluated then); "oldest" is by the global step stored in each file. An error raised by the
     evaluation itself stops the loop. All summaries go to one event file
     in ``logdir``.
 
@@ -874,6 +906,7 @@ def evaluation_loop(
     _no_feed_dict(fn, initial_op_feed_dict=initial_op_feed_dict, eval_op_feed_dict=eval_op_feed_dict,
                   final_op_feed_dict=final_op_feed_dict, summary_op_feed_dict=summary_op_feed_dict)
     _check_dir(fn, checkpoint_dir)
+    _check_prefix(fn, prefix)
     _check_seconds(fn, "eval_interval_secs", eval_interval_secs, allow_none=False)
     _check_seconds(fn, "timeout", timeout)
     if timeout_fn is not None and not callable(timeout_fn):
@@ -896,7 +929,7 @@ def evaluation_loop(
     done = 0
     try:
         for path in _iterate_checkpoints(os.fspath(checkpoint_dir), eval_interval_secs, timeout, timeout_fn, True,
-                                         poll, clock, sleep):
+                                         poll, clock, sleep, prefix):
             try:
                 state = load_checkpoint(path)
             except (OSError, CorruptCheckpointError) as e:

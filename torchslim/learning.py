@@ -418,7 +418,9 @@ class TrainOp:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if self.model is None:
             raise ValueError("cannot restore: create_train_op found no nn.Module; pass model= to create_train_op")
-        self.model.load_state_dict(state["model"])
+        from torchslim.checkpoint import load_model_state  # names the file and the first mismatching parameter
+
+        load_model_state(self.model, state)
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and "scheduler" in state:
             self.scheduler.load_state_dict(state["scheduler"])

@@ -279,7 +279,7 @@ def load_checkpoint_variables(model_path: str) -> OrderedDict[str, torch.Tensor]
     path = _resolve_path(model_path)
     with open(path, "rb") as f:
         head = f.read(len(_checkpoint.MAGIC))
-    if head == _checkpoint.MAGIC:
+    if head in (_checkpoint.MAGIC, _checkpoint.MAGIC_V1):
         state: Any = _checkpoint.load_checkpoint(path)
     else:
         try:

@@ -28,16 +28,15 @@ args = parser.parse_args()
 if args.slow_save_marker:
     real_write = checkpoint._write_payload
 
-    def slow_write(f, payload):
+    def slow_write(f, flat):
         if checkpoint.list_checkpoints(args.logdir):
-            real_write_header = checkpoint._HEADER.pack(checkpoint.MAGIC, b"\0" * 32, len(payload))
-            f.write(real_write_header[:10])
+            f.write(checkpoint.MAGIC + b"\0\0")  # the start of a header, on disk
             f.flush()
             os.fsync(f.fileno())
             open(args.slow_save_marker, "w").close()
             time.sleep(5.0)
             f.seek(0)
-        real_write(f, payload)
+        real_write(f, flat)
 
     checkpoint._write_payload = slow_write
 
