@@ -185,6 +185,9 @@ def load_checkpoint(path: str, map_location: Any = "cpu") -> dict[str, Any]:
     path = str(path)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
+    from torchslim import sharded_checkpoint  # the commit marker of a sharded (FSDP2/DCP) checkpoint
+    if sharded_checkpoint.is_sharded(path):
+        return sharded_checkpoint.load_full(path, map_location)
     payload = _read_verified(path)
     try:
         state = torch.load(io.BytesIO(payload), map_location=map_location, weights_only=True)

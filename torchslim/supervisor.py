@@ -34,6 +34,7 @@ from torchslim import collections as _collections
 from torchslim import triggers as _triggers
 from torchslim.collections import GraphKeys
 from torchslim.data import is_one_shot, make_resumable
+from torchslim.fsdp import is_fully_sharded
 
 __all__ = ["Supervisor", "rng_state", "set_rng_state"]
 
@@ -112,7 +113,7 @@ class Supervisor:
         self.init_fn = init_fn
         self.ignore_live_threads = ignore_live_threads
         self.replica: Any = None
-        if _wants_distributed(master, sync_optimizer):
+        if _wants_distributed(master, sync_optimizer) or is_fully_sharded(getattr(train_op, "model", None)):
             from torchslim import distributed
 
             self.replica = distributed.prepare(
@@ -137,6 +138,8 @@ class Supervisor:
         self.coordinator: Any = None
         self._last_summary: tuple[int, float] | None = None
         self._last_saved_step: int | None = None
+        if hasattr(self.replica, "attach"):  # FSDP2: every rank saves its shard (torchslim.fsdp)
+            self.replica.attach(self)
 
     # -- state ---------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -253,6 +256,8 @@ class Supervisor:
 
     def save(self, block: bool = True) -> str | None:
         """Checkpoints the current state now (chief only); off-thread unless ``block``."""
+        if hasattr(self.replica, "save"):  # FSDP2: a collective sharded save on every rank
+            return self.replica.save(self, block)
         if self.saver is None or not self.is_chief or self.logdir is None:
             return None
         step = self.train_op.step
@@ -268,7 +273,7 @@ class Supervisor:
 
     def finish(self) -> None:
         """A clean end: the final checkpoint (TF-Slim: 'Finished training! Saving model to disk.')."""
-        if self.logdir is not None and self.is_chief:
+        if self.logdir is not None and (self.is_chief or hasattr(self.replica, "save")):
             logger.info("Finished training! Saving model to disk.")
             self.save(block=True)
         if self._summaries_on and self.writer is not None:
