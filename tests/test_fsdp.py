@@ -37,11 +37,15 @@ def child_env(base: dict) -> dict:
     return env
 
 
+def torchrun_cmd(python_exe: str, *args: str, restarts: int = 0) -> list[str]:
+    return [python_exe, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
+            "--max-restarts", str(restarts), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
+            "--monitor-interval", "0.1", SCRIPT, *args]
+
+
 def torchrun(python_exe, env, *args: str, restarts: int = 0, timeout: float = 240) -> subprocess.CompletedProcess:
-    cmd = [python_exe, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc-per-node", "2",
-           "--max-restarts", str(restarts), "--rdzv-backend", "c10d", "--rdzv-endpoint", f"127.0.0.1:{free_port()}",
-           "--monitor-interval", "0.1", SCRIPT, *args]
-    return subprocess.run(cmd, env=child_env(env), capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(torchrun_cmd(python_exe, *args, restarts=restarts), env=child_env(env),
+                          capture_output=True, text=True, timeout=timeout)
 
 
 # ------------------------------------------------------------------ sharded checkpoints, one writer
@@ -225,18 +229,28 @@ def runs(tmp_path_factory):
     """FSDP2 and DDP, 2 ranks, 12 steps, checkpoints every 4 (max_to_keep 2); FSDP2 again, rank 1 killed."""
     env = dict(os.environ)
     env["PYTHONPATH"] = os.path.dirname(HERE) + os.pathsep + env.get("PYTHONPATH", "")
-    python_exe = sys.executable
     d = tmp_path_factory.mktemp("fsdp")
-    out = {}
-    for name, extra, restarts in (
+    procs = {}
+    for name, extra, restarts in (  # launched together: most of each run is starting Python and torch
         ("fsdp", ["--sync"], 0),
         ("ddp", ["--ddp"], 0),
         ("killed", ["--kill-rank", "1", "--kill-at-save", "8"], 1),
     ):
-        run = torchrun(python_exe, env, "--logdir", str(d / name), "--out", str(d / f"{name}.out"), *extra,
-                       restarts=restarts)
-        assert run.returncode == 0, run.stdout + run.stderr
-        out[name] = {"log": run.stdout + run.stderr, "logdir": str(d / name),
+        cmd = torchrun_cmd(sys.executable, "--logdir", str(d / name), "--out", str(d / f"{name}.out"), *extra,
+                           restarts=restarts)
+        procs[name] = subprocess.Popen(cmd, env=child_env(env), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                       text=True)
+    out = {}
+    for name, proc in procs.items():
+        try:
+            log, _ = proc.communicate(timeout=300)
+        except subprocess.TimeoutExpired:
+            for p in procs.values():
+                p.kill()
+                p.communicate()
+            raise
+        assert proc.returncode == 0, log
+        out[name] = {"log": log, "logdir": str(d / name),
                      "ranks": [torch.load(str(d / f"{name}.out.rank{r}.pt")) for r in range(2)]}
     return out
 

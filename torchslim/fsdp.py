@@ -72,7 +72,8 @@ def _is_dtensor(t: Any) -> bool:
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if _is_dtensor(t) else t
+    """This rank's part of ``t``: a DTensor's local shard, a plain tensor itself."""
+    return t.to_local() if _is_dtensor(t) else t  # type: ignore[attr-defined]
 
 
 def _only_steps(trigger: Any) -> bool:
@@ -206,12 +207,12 @@ class FSDPReplica:
                 prefix=plain.prefix, chief=self.chief_rank,
             )
             supervisor.saver = _SupervisorSaver(self, supervisor)
-        box = [None]
+        box: list[Any] = [None]
         if self.is_chief:
             trigger = supervisor.save_trigger
             box = [("steps", trigger) if trigger is None or _only_steps(trigger) else ("time", None)]
         dist.broadcast_object_list(box, src=self.chief_rank)
-        kind, steps_trigger = box[0]  # type: ignore[misc]
+        kind, steps_trigger = box[0]
         if kind == "steps":
             supervisor.save_trigger = steps_trigger if not self.is_chief else supervisor.save_trigger
         else:
@@ -261,7 +262,7 @@ class FSDPReplica:
         own_key = f"{_sharded.REPLICAS_KEY}.{self.rank}"
         sizes = _sharded._reader(path).read_metadata().state_dict_metadata
         if marker.get("world_size") == self.world_size and own_key in sizes:
-            template[_sharded.REPLICAS_KEY] = {str(self.rank): torch.empty(tuple(sizes[own_key].size), dtype=torch.uint8)}  # type: ignore[union-attr]
+            template[_sharded.REPLICAS_KEY] = {str(self.rank): torch.empty(tuple(sizes[own_key].size), dtype=torch.uint8)}
         else:
             del template[_sharded.REPLICAS_KEY]
             logger.warning(

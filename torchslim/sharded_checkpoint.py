@@ -109,7 +109,12 @@ def _digest(path: str) -> dict[str, Any]:
 def _write_marker(path: str, marker: Mapping[str, Any]) -> None:
     payload = json.dumps(dict(marker), indent=1, sort_keys=True).encode()
     header = _HEADER.pack(MAGIC, hashlib.sha256(payload).digest(), len(payload))
-    _checkpoint._atomic_write(path, lambda f: (f.write(header), f.write(payload)))
+
+    def write(f: Any) -> None:
+        f.write(header)
+        f.write(payload)
+
+    _checkpoint._atomic_write(path, write)
 
 
 def read_marker(path: str) -> dict[str, Any]:

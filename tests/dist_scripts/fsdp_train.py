@@ -41,7 +41,7 @@ def kill_during_dcp_write(rank: int) -> None:
     """Makes this rank die (SIGKILL) while DCP writes its shard: a partial file, then nothing."""
     from torch.distributed.checkpoint import filesystem
 
-    def write_data(self, plan, planner):  # noqa: ANN001 - DCP's signature
+    def write_data(self, plan, planner):
         with open(os.path.join(str(self.path), f"__{rank}_0.distcp"), "wb") as f:
             f.write(b"partial shard")
             f.flush()
