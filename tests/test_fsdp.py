@@ -208,6 +208,27 @@ def test_one_rank_fsdp_trains_resumes_exactly_and_loads_into_a_plain_model(one_r
         assert torch.equal(p, straight.state_dict()[name].full_tensor()), name
 
 
+@pytest.mark.parametrize("check_numerics", [True, False], ids=["carried-by-the-numerics-flag", "own-broadcast"])
+def test_time_based_saves_happen_on_the_step_after_the_chief_decides(one_rank_group, tmp_path, check_numerics):
+    model = _sharded_mlp()
+    op = slim.learning.create_train_op(lambda b: torch.nn.functional.mse_loss(model(b[0]), b[1]),
+                                       torch.optim.SGD(model.parameters(), lr=0.1), model=model,
+                                       check_numerics=check_numerics)
+    saver = slim.checkpoint.Saver(max_to_keep=None)
+    # Every step is due once the clock started (at step 1); the agreed decision of step n acts at n + 1.
+    slim.learning.train(op, str(tmp_path), data=slim.data.repeat(_data()), number_of_steps=5, log_every_n_steps=0,
+                        save_interval_secs=1e-9, save_summaries_secs=None, saver=saver)
+    steps = [checkpoint.checkpoint_step(p) for p in sharded_checkpoint.sharded_checkpoints(str(tmp_path))]
+    assert steps == [3, 4, 5]
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    for module in (fsdp, sharded_checkpoint):
+        assert doctest.testmod(module, optionflags=doctest.ELLIPSIS).failed == 0, module.__name__
+
+
 def test_the_replica_refuses_unsharded_parameters_and_gradient_summaries(one_rank_group):
     model = _sharded_mlp(root_only=True)  # model[0] is not sharded: nothing would reduce its gradient
     opt = torch.optim.SGD(model.parameters(), lr=0.1)

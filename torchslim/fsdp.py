@@ -85,25 +85,33 @@ def _only_steps(trigger: Any) -> bool:
 class _AgreedTrigger(_triggers.Trigger):
     """The chief's time-based trigger, agreed by every rank: its answer at step n acts at step n + 1.
 
-    The chief's decision travels in an asynchronous 1-element broadcast
-    launched at step n and waited for at step n + 1, so no rank waits on it.
+    The chief's decision rides on the next step's numerics all-reduce when
+    there is one (``carried``); otherwise it travels in an asynchronous
+    1-element broadcast launched at step n and waited for at step n + 1. So
+    no rank waits on it and no collective is added to a step that has one.
     """
 
-    def __init__(self, inner: _triggers.Trigger | None, chief: int) -> None:
+    def __init__(self, inner: _triggers.Trigger | None, chief: int, carried: bool) -> None:
         self.inner = inner
         self.chief = chief
+        self.carried = carried
+        self.decision = 0.0  # the chief's answer, before it is agreed
+        self.agreed = False  # set from the numerics all-reduce when carried
         self._pending: tuple[Any, torch.Tensor] | None = None
 
     def __call__(self, step: int, t: float | None = None) -> bool:
         due = self.collect()
-        flag = torch.zeros(1)
-        if self.inner is not None and self.inner(step, t):
-            flag.fill_(1.0)
-        self._pending = (dist.broadcast(flag, src=self.chief, async_op=True), flag)
+        self.decision = 1.0 if self.inner is not None and self.inner(step, t) else 0.0
+        if not self.carried:
+            flag = torch.full((1,), self.decision)
+            self._pending = (dist.broadcast(flag, src=self.chief, async_op=True), flag)
         return due
 
     def collect(self) -> bool:
-        """Waits for the decision in flight; True when the chief said 'save'."""
+        """The decision of the previous step, agreed by every rank: True when the chief said 'save'."""
+        if self.carried:
+            due, self.agreed = self.agreed, False
+            return due
         if self._pending is None:
             return False
         work, flag = self._pending
@@ -181,8 +189,13 @@ class FSDPReplica:
                 torch._amp_foreach_non_finite_check_and_unscale_(grads, found, torch.ones(1, device=found.device))
             except RuntimeError:
                 found.fill_(float(any(not bool(torch.isfinite(g).all()) for g in grads)))
-        dist.all_reduce(found, op=dist.ReduceOp.MAX)
-        if found.item() == 0:
+        trigger = self._trigger
+        flags = torch.cat([found.cpu(), torch.tensor([trigger.decision if trigger is not None else 0.0])])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # one collective: any shard's NaN, the chief's 'save'
+        bad, due = flags.tolist()
+        if trigger is not None:
+            trigger.agreed = due > 0
+        if bad == 0:
             return
         names = {id(p): n for n, p in (self.train_op.names or {}).items()}
         bad = [names.get(id(p), str(tuple(p.shape))) for p in params
@@ -216,7 +229,8 @@ class FSDPReplica:
         if kind == "steps":
             supervisor.save_trigger = steps_trigger if not self.is_chief else supervisor.save_trigger
         else:
-            self._trigger = _AgreedTrigger(supervisor.save_trigger if self.is_chief else None, self.chief_rank)
+            self._trigger = _AgreedTrigger(supervisor.save_trigger if self.is_chief else None, self.chief_rank,
+                                           carried=self._hook is not None)
             supervisor.save_trigger = self._trigger
         if supervisor.logdir is None:
             supervisor.save_trigger = None
