@@ -91,8 +91,9 @@ class _AgreedTrigger(_triggers.Trigger):
     no rank waits on it and no collective is added to a step that has one.
     """
 
-    def __init__(self, inner: _triggers.Trigger | None, chief: int, carried: bool) -> None:
+    def __init__(self, inner: _triggers.Trigger | None, chief: int, carried: bool, device: torch.device) -> None:
         self.inner = inner
+        self.device = device
         self.chief = chief
         self.carried = carried
         self.decision = 0.0  # the chief's answer, before it is agreed
@@ -103,7 +104,7 @@ class _AgreedTrigger(_triggers.Trigger):
         due = self.collect()
         self.decision = 1.0 if self.inner is not None and self.inner(step, t) else 0.0
         if not self.carried:
-            flag = torch.full((1,), self.decision)
+            flag = torch.full((1,), self.decision, device=self.device)
             self._pending = (dist.broadcast(flag, src=self.chief, async_op=True), flag)
         return due
 
@@ -152,6 +153,7 @@ class FSDPReplica:
                     "(fully_shard(model) after its blocks)"
                 )
         self.train_op = train_op
+        self._device = _local(params[0]).device if params else torch.device("cpu")  # where the flags travel
         self.sync_optimizers = list(sync_optimizers)
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
@@ -190,7 +192,8 @@ class FSDPReplica:
             except RuntimeError:
                 found.fill_(float(any(not bool(torch.isfinite(g).all()) for g in grads)))
         trigger = self._trigger
-        flags = torch.cat([found.cpu(), torch.tensor([trigger.decision if trigger is not None else 0.0])])
+        # On the gradients' device: through nccl for CUDA shards, gloo for CPU ones.
+        flags = torch.cat([found, torch.tensor([trigger.decision if trigger is not None else 0.0], device=found.device)])
         dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # one collective: any shard's NaN, the chief's 'save'
         bad, due = flags.tolist()
         if trigger is not None:
@@ -230,7 +233,7 @@ class FSDPReplica:
             supervisor.save_trigger = steps_trigger if not self.is_chief else supervisor.save_trigger
         else:
             self._trigger = _AgreedTrigger(supervisor.save_trigger if self.is_chief else None, self.chief_rank,
-                                           carried=self._hook is not None)
+                                           carried=self._hook is not None, device=self._device)
             supervisor.save_trigger = self._trigger
         if supervisor.logdir is None:
             supervisor.save_trigger = None
