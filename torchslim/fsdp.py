@@ -35,12 +35,14 @@ from __future__ import annotations
 
 import io
 import logging
+import os
 from collections.abc import Sequence
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from torchslim import checkpoint as _checkpoint
 from torchslim import sharded_checkpoint as _sharded
 from torchslim import triggers as _triggers
 
@@ -194,7 +196,9 @@ class FSDPReplica:
         trigger = self._trigger
         # On the gradients' device: through nccl for CUDA shards, gloo for CPU ones.
         flags = torch.cat([found, torch.tensor([trigger.decision if trigger is not None else 0.0], device=found.device)])
-        dist.all_reduce(flags, op=dist.ReduceOp.MAX)  # one collective: any shard's NaN, the chief's 'save'
+        # One collective: any shard's NaN, the chief's 'save'. Waited for here, before the train op's own
+        # check, which sees only this rank's shard: a rank raising alone would leave the others waiting.
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
         bad, due = flags.tolist()
         if trigger is not None:
             trigger.agreed = due > 0
@@ -273,6 +277,11 @@ class FSDPReplica:
         dist.broadcast_object_list(box, src=self.chief_rank)
         path = box[0]
         if path is None:
+            plain = [p for p in _checkpoint.list_checkpoints(logdir, self.saver.prefix)
+                     if self.is_chief and not _sharded.is_sharded(p)]
+            if plain:
+                logger.warning("%s holds checkpoints that are not sharded (%s, ...): an FSDP2 run restores only "
+                               "sharded ones, so it starts afresh", logdir, os.path.basename(plain[-1]))
             return None
         marker = _sharded.read_marker(path)
         template = self.state(supervisor)
