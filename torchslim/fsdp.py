@@ -128,9 +128,11 @@ class FSDPReplica:
 
     ``slim.distributed.prepare`` returns it when the train op's model is
     sharded. Besides the replica protocol (``after_restore``,
-    ``before_training``, ``should_stop``, ``close``) it offers ``attach``
-    (called by the Supervisor once built: every rank saves, on agreed
-    steps) and ``save`` (the Supervisor's save, collective).
+    ``before_training``, ``should_stop``, ``close``; ``restore``,
+    ``save_due``, ``replica_states`` of torchslim.replicas) it says
+    ``sharded = True``, on which the Supervisor calls ``attach`` once built
+    (every rank saves, on agreed steps) and ``save`` instead of its own
+    (collective: every rank writes its shard).
 
     Example (on every rank; see the module docstring)::
 
@@ -170,6 +172,7 @@ class FSDPReplica:
             )
         self.chief_rank = chiefs[0]
         self.is_chief = mine
+        self.sharded = True  # the Supervisor hands its saves to this replica
         self.saver: _sharded.ShardedSaver | None = None
         self._trigger: _AgreedTrigger | None = None
         self._last_saved: int | None = None
@@ -318,6 +321,17 @@ class FSDPReplica:
 
     def before_training(self, supervisor: Any) -> None:
         pass
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Nothing to keep: :meth:`restore_latest` already gave this rank its own RNG streams and data position."""
+
+    def save_due(self, step: int, trigger: Any) -> bool:
+        """The agreed answer: ``attach`` made the Supervisor's trigger the same on every rank."""
+        return trigger is not None and bool(trigger(step))
+
+    def replica_states(self, supervisor: Any) -> None:
+        """None: each rank writes its own state into its shard, not through the chief."""
+        return None
 
     def should_stop(self) -> bool:
         return False

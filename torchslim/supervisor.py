@@ -138,7 +138,7 @@ class Supervisor:
         self.coordinator: Any = None
         self._last_summary: tuple[int, float] | None = None
         self._last_saved_step: int | None = None
-        if hasattr(self.replica, "attach"):  # FSDP2: every rank saves its shard (torchslim.fsdp)
+        if getattr(self.replica, "sharded", False):  # FSDP2: every rank saves its shard (torchslim.fsdp)
             self.replica.attach(self)
 
     # -- state ---------------------------------------------------------------
@@ -256,7 +256,7 @@ class Supervisor:
 
     def save(self, block: bool = True) -> str | None:
         """Checkpoints the current state now (chief only); off-thread unless ``block``."""
-        if hasattr(self.replica, "save"):  # FSDP2: a collective sharded save on every rank
+        if getattr(self.replica, "sharded", False):  # FSDP2: a collective sharded save on every rank
             return self.replica.save(self, block)
         if self.saver is None or not self.is_chief or self.logdir is None:
             return None
@@ -273,7 +273,7 @@ class Supervisor:
 
     def finish(self) -> None:
         """A clean end: the final checkpoint (TF-Slim: 'Finished training! Saving model to disk.')."""
-        if self.logdir is not None and (self.is_chief or hasattr(self.replica, "save")):
+        if self.logdir is not None and (self.is_chief or getattr(self.replica, "sharded", False)):
             logger.info("Finished training! Saving model to disk.")
             self.save(block=True)
         if self._summaries_on and self.writer is not None:
