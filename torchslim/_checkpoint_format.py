@@ -50,6 +50,7 @@ import torch
 
 MAGIC = b"TSLIMCK2"
 MAGIC_V1 = b"TSLIMCK1"
+SHARDED_MARKER_MAGIC = b"TSLIMDCP"  # torchslim.sharded_checkpoint.MAGIC
 HEADER = struct.Struct("<8sIIqQQQ")
 HEADER_V1 = struct.Struct("<8s32sQ")
 NO_STEP = -1
@@ -352,6 +353,8 @@ def probe(path: str) -> tuple[int, int | None] | None:
         return None
     if head[:8] == MAGIC_V1:
         return 1, None
+    if head[:8] == SHARDED_MARKER_MAGIC:  # torchslim.sharded_checkpoint's commit marker; its step is in its name
+        return 3, None
     if head[:8] != MAGIC or len(head) < HEADER.size:
         return None
     step = HEADER.unpack(head)[3]

@@ -204,7 +204,12 @@ def load_checkpoint(path: str | os.PathLike[str], map_location: Any = "cpu") -> 
     _check_map_location(map_location)
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    state = _format.read_file(path, map_location)
+    from torchslim import sharded_checkpoint  # the commit marker of a sharded (FSDP2/DCP) checkpoint
+
+    if sharded_checkpoint.is_sharded(path):
+        state = sharded_checkpoint.load_full(path, map_location)
+    else:
+        state = _format.read_file(path, map_location)
     if not isinstance(state, dict):
         raise CorruptCheckpointError(path, f"payload is a {type(state).__name__}, expected a dict")
     loaded = CheckpointState(state)
@@ -646,7 +651,7 @@ def inspect_main(argv: list[str]) -> int:
     _describe("", {k: v for k, v in state.items() if k != "rng"}, lines)
     probed = _format.probe(path)
     print(path)
-    print(f"integrity: ok ({'sha256' if probed and probed[0] == 1 else 'crc32c'} verified)")
+    print(f"integrity: ok ({'sha256' if probed and probed[0] in (1, 3) else 'crc32c'} verified)")
     print(f"global step: {state.get('global_step', 'unknown')}")
     print(f"format: {state.get('format', 'unknown')}")
     print(f"tensors ({len(lines)}):")

@@ -155,6 +155,9 @@ def prepare(
     world = dist.get_world_size()
     for s in syncs:
         s.check_replicas(world)
+    from torchslim import fsdp  # FSDP2 averages the gradients itself and checkpoints shards: its own replica
+    if fsdp.is_fully_sharded(train_op.model):
+        return fsdp.FSDPReplica(train_op, is_chief, syncs)  # type: ignore[return-value]
     if syncs and _uses_ddp(train_op):
         raise ValueError(
             "the model is wrapped in DistributedDataParallel, which averages the gradients itself; give "

@@ -34,6 +34,7 @@ from torchslim import collections as _collections
 from torchslim import triggers as _triggers
 from torchslim.collections import GraphKeys
 from torchslim.data import is_one_shot, make_resumable
+from torchslim.fsdp import is_fully_sharded
 
 __all__ = ["Supervisor", "rng_state", "set_rng_state"]
 
@@ -112,7 +113,7 @@ class Supervisor:
         self.init_fn = init_fn
         self.ignore_live_threads = ignore_live_threads
         self.replica: Any = None
-        if _wants_distributed(master, sync_optimizer):
+        if _wants_distributed(master, sync_optimizer) or is_fully_sharded(getattr(train_op, "model", None)):
             from torchslim import distributed
 
             self.replica = distributed.prepare(
@@ -137,6 +138,8 @@ class Supervisor:
         self.coordinator: Any = None
         self._last_summary: tuple[int, float] | None = None
         self._last_saved_step: int | None = None
+        if getattr(self.replica, "sharded", False):  # FSDP2: every rank saves its shard (torchslim.fsdp)
+            self.replica.attach(self)
 
     # -- state ---------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -259,6 +262,8 @@ class Supervisor:
 
     def save(self, block: bool = True) -> str | None:
         """Checkpoints the current state now (chief only); off-thread unless ``block``."""
+        if getattr(self.replica, "sharded", False):  # FSDP2: a collective sharded save on every rank
+            return self.replica.save(self, block)
         # Every replica hands the chief its own RNG streams and data position (torchslim.replicas).
         parts = self.replica.replica_states(self) if self.replica is not None else None
         if self.saver is None or not self.is_chief or self.logdir is None:

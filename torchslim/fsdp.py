@@ -1,0 +1,371 @@
+"""FSDP2: train a model sharded with ``torch.distributed.fsdp.fully_shard`` under ``slim.learning.train``.
+
+    import torchslim as slim
+    from torch.distributed.fsdp import fully_shard
+
+    slim.distributed.initialize()                  # torchrun's environment
+    model = Net()
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)                             # every parameter is now a sharded DTensor
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    train_op = slim.learning.create_train_op(total_loss, optimizer, clip_gradient_norm=1.0)
+    slim.learning.train(train_op, '/tmp/logdir', data=my_shard, number_of_steps=1000)
+
+    # torchrun --nproc-per-node 2 train.py
+
+``train`` sees that the model is sharded and drives an :class:`FSDPReplica`
+instead of the synchronous replica of ``slim.distributed``:
+
+- no second averaging: FSDP reduce-scatters (averages) the gradients; a
+  ``SyncReplicasOptimizer`` may be passed and only steps the optimizer it wraps;
+- gradient multipliers and per-tensor clipping (TF-Slim's ``clip_by_norm``)
+  act on the sharded gradients, whose norms are those of the full tensors
+  (DTensor norms are reduced across the shards);
+- the numerics check sees every shard: each rank checks its own and the
+  flag is reduced across ranks, so all ranks raise together, naming the
+  parameter, before any weight changes;
+- checkpoints are sharded (:mod:`torchslim.sharded_checkpoint`): every rank
+  writes its shard with torch.distributed.checkpoint, the chief commits; each
+  rank's RNG streams and data position are saved and restored to it;
+- ``summarize_gradients`` is refused (histograms of sharded gradients
+  would need every rank on the chief's summary steps).
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from torchslim import checkpoint as _checkpoint
+from torchslim import sharded_checkpoint as _sharded
+from torchslim import triggers as _triggers
+
+__all__ = ["FSDPReplica", "is_fully_sharded"]
+
+logger = logging.getLogger("torchslim")
+
+
+def is_fully_sharded(model: Any) -> bool:
+    """True when ``model`` (or a module in it) was sharded with ``fully_shard`` (FSDP2).
+
+    Example:
+        >>> is_fully_sharded(torch.nn.Linear(2, 1))
+        False
+    """
+    if not isinstance(model, torch.nn.Module):
+        return False
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # a build without torch.distributed
+        return False
+    return any(isinstance(m, FSDPModule) for m in model.modules())
+
+
+def _is_dtensor(t: Any) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``t``: a DTensor's local shard, a plain tensor itself."""
+    return t.to_local() if _is_dtensor(t) else t  # type: ignore[attr-defined]
+
+
+def _only_steps(trigger: Any) -> bool:
+    if isinstance(trigger, (_triggers.EveryNSteps, _triggers.AtSteps)):
+        return True
+    return isinstance(trigger, _triggers.AnyOf) and all(_only_steps(t) for t in trigger.triggers)
+
+
+class _AgreedTrigger(_triggers.Trigger):
+    """The chief's time-based trigger, agreed by every rank: its answer at step n acts at step n + 1.
+
+    The chief's decision rides on the next step's numerics all-reduce when
+    there is one (``carried``); otherwise it travels in an asynchronous
+    1-element broadcast launched at step n and waited for at step n + 1. So
+    no rank waits on it and no collective is added to a step that has one.
+    """
+
+    def __init__(self, inner: _triggers.Trigger | None, chief: int, carried: bool, device: torch.device) -> None:
+        self.inner = inner
+        self.device = device
+        self.chief = chief
+        self.carried = carried
+        self.decision = 0.0  # the chief's answer, before it is agreed
+        self.agreed = False  # set from the numerics all-reduce when carried
+        self._pending: tuple[Any, torch.Tensor] | None = None
+
+    def __call__(self, step: int, t: float | None = None) -> bool:
+        due = self.collect()
+        self.decision = 1.0 if self.inner is not None and self.inner(step, t) else 0.0
+        if not self.carried:
+            flag = torch.full((1,), self.decision, device=self.device)
+            self._pending = (dist.broadcast(flag, src=self.chief, async_op=True), flag)
+        return due
+
+    def collect(self) -> bool:
+        """The decision of the previous step, agreed by every rank: True when the chief said 'save'."""
+        if self.carried:
+            due, self.agreed = self.agreed, False
+            return due
+        if self._pending is None:
+            return False
+        work, flag = self._pending
+        self._pending = None
+        work.wait()
+        return bool(flag.item() > 0)
+
+
+class FSDPReplica:
+    """One rank of an FSDP2 job, driven by the Supervisor (see ``slim.distributed``'s module docstring).
+
+    ``slim.distributed.prepare`` returns it when the train op's model is
+    sharded. Besides the replica protocol (``after_restore``,
+    ``before_training``, ``should_stop``, ``close``; ``restore``,
+    ``save_due``, ``replica_states`` of torchslim.replicas) it says
+    ``sharded = True``, on which the Supervisor calls ``attach`` once built
+    (every rank saves, on agreed steps) and ``save`` instead of its own
+    (collective: every rank writes its shard).
+
+    Example (on every rank; see the module docstring)::
+
+        replica = FSDPReplica(train_op, is_chief=None, sync_optimizers=[])
+    """
+
+    def __init__(self, train_op: Any, is_chief: bool | None, sync_optimizers: Sequence[Any] = ()) -> None:
+        if train_op.summarize_gradients:
+            raise ValueError(
+                "summarize_gradients=True is not supported for a model sharded with fully_shard: the chief would "
+                "need every rank's gradient shard on its summary steps; build the train op with "
+                "summarize_gradients=False"
+            )
+        params = train_op.variables_to_train if train_op.variables_to_train is not None else [
+            p for group in train_op.optimizer.param_groups for p in group["params"]]
+        names = {id(p): n for n, p in (train_op.names or {}).items()}
+        for p in params:
+            if not _is_dtensor(p):
+                raise ValueError(
+                    f"parameter {names.get(id(p), tuple(p.shape))!r} is trained but not sharded by fully_shard, so "
+                    "nothing would average its gradient across ranks; call fully_shard on the root module too "
+                    "(fully_shard(model) after its blocks)"
+                )
+        self.train_op = train_op
+        self._device = _local(params[0]).device if params else torch.device("cpu")  # where the flags travel
+        self.sync_optimizers = list(sync_optimizers)
+        self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
+        mine = self.rank == 0 if is_chief is None else bool(is_chief)
+        flags: list[Any] = [None] * self.world_size
+        dist.all_gather_object(flags, mine)
+        chiefs = [r for r, f in enumerate(flags) if f]
+        if len(chiefs) != 1:
+            raise ValueError(
+                f"exactly one rank must be the chief, but is_chief is True on ranks {chiefs}; "
+                "leave is_chief=None (rank 0 is the chief) or set it True on one rank only"
+            )
+        self.chief_rank = chiefs[0]
+        self.is_chief = mine
+        self.sharded = True  # the Supervisor hands its saves to this replica
+        self.saver: _sharded.ShardedSaver | None = None
+        self._trigger: _AgreedTrigger | None = None
+        self._last_saved: int | None = None
+        self._found: torch.Tensor | None = None
+        self._hook = self._check_shards if train_op.check_numerics else None
+        if self._hook is not None:
+            train_op.after_backward.append(self._hook)
+
+    @property
+    def optimizer(self) -> torch.optim.Optimizer:
+        opt = self.train_op.optimizer
+        return getattr(opt, "optimizer", opt)  # a SyncReplicasOptimizer: the optimizer it wraps
+
+    # -- numerics ----------------------------------------------------------
+    def _check_shards(self, params: list[torch.Tensor]) -> None:
+        grads = [_local(g) for p in params if (g := p.grad) is not None]
+        grads = [g for g in grads if g.numel() and g.dtype.is_floating_point]
+        found = torch.zeros(1, device=grads[0].device if grads else "cpu")
+        if grads:
+            try:  # the fused kernel GradScaler uses: one flag for all of this rank's shards
+                torch._amp_foreach_non_finite_check_and_unscale_(grads, found, torch.ones(1, device=found.device))
+            except RuntimeError:
+                found.fill_(float(any(not bool(torch.isfinite(g).all()) for g in grads)))
+        trigger = self._trigger
+        # On the gradients' device: through nccl for CUDA shards, gloo for CPU ones.
+        flags = torch.cat([found, torch.tensor([trigger.decision if trigger is not None else 0.0], device=found.device)])
+        # One collective: any shard's NaN, the chief's 'save'. Waited for here, before the train op's own
+        # check, which sees only this rank's shard: a rank raising alone would leave the others waiting.
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        bad, due = flags.tolist()
+        if trigger is not None:
+            trigger.agreed = due > 0
+        if bad == 0:
+            return
+        names = {id(p): n for n, p in (self.train_op.names or {}).items()}
+        bad = [names.get(id(p), str(tuple(p.shape))) for p in params
+               if p.grad is not None and not bool(torch.isfinite(_local(p.grad)).all())]
+        everyone: list[Any] = [None] * self.world_size
+        dist.all_gather_object(everyone, bad)
+        where = "; ".join(f"rank {r}: {', '.join(b)}" for r, b in enumerate(everyone) if b)
+        from torchslim.learning import NumericsError
+
+        raise NumericsError(
+            f"step {self.train_op.step + 1}: NaN or Inf in the gradient shards of parameters ({where}) "
+            "(weights left as they were before this step, on every rank)"
+        )
+
+    # -- the Supervisor's hooks ---------------------------------------------
+    def attach(self, supervisor: Any) -> None:
+        """Makes every rank save sharded checkpoints on the steps the chief's trigger picks."""
+        plain = supervisor.saver
+        if plain is not None:
+            self.saver = _sharded.ShardedSaver(
+                max_to_keep=plain.max_to_keep, keep_checkpoint_every_n_hours=plain.keep_checkpoint_every_n_hours,
+                prefix=plain.prefix, chief=self.chief_rank,
+            )
+            supervisor.saver = _SupervisorSaver(self, supervisor)
+        box: list[Any] = [None]
+        if self.is_chief:
+            trigger = supervisor.save_trigger
+            box = [("steps", trigger) if trigger is None or _only_steps(trigger) else ("time", None)]
+        dist.broadcast_object_list(box, src=self.chief_rank)
+        kind, steps_trigger = box[0]
+        if kind == "steps":
+            supervisor.save_trigger = steps_trigger if not self.is_chief else supervisor.save_trigger
+        else:
+            self._trigger = _AgreedTrigger(supervisor.save_trigger if self.is_chief else None, self.chief_rank,
+                                           carried=self._hook is not None, device=self._device)
+            supervisor.save_trigger = self._trigger
+        if supervisor.logdir is None:
+            supervisor.save_trigger = None
+
+    def state(self, supervisor: Any) -> dict[str, Any]:
+        """What a sharded checkpoint holds: DCP state dicts of model and optimizer, and this rank's own part."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        full = supervisor.state_dict()
+        model_state, optim_state = get_state_dict(self.train_op.model, self.optimizer)
+        state = {k: v for k, v in full.items() if k not in ("model", "optimizer", "rng", "data")}
+        state["model"], state["optimizer"] = model_state, optim_state
+        own = {k: full[k] for k in ("rng", "data") if k in full}
+        buf = io.BytesIO()
+        torch.save(own, buf)
+        state[_sharded.REPLICAS_KEY] = {str(self.rank): torch.frombuffer(bytearray(buf.getvalue()), dtype=torch.uint8)}
+        return state
+
+    def save(self, supervisor: Any, block: bool = True) -> str | None:
+        """Every rank writes its shard of the current state; the chief commits. Blocks (see README)."""
+        if self.saver is None or supervisor.logdir is None:
+            return None
+        step = self.train_op.step
+        path = self.saver.checkpoint_path(supervisor.logdir, step)
+        if step == self._last_saved:
+            return path
+        self.saver.save(supervisor.logdir, self.state(supervisor), step)
+        self._last_saved = step
+        return path
+
+    def restore_latest(self, supervisor: Any, logdir: str) -> tuple[str, dict[str, Any]] | None:
+        """Loads the newest valid sharded checkpoint (chosen by the chief) on every rank."""
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
+        assert self.saver is not None  # attach() made it
+        box = [_sharded.latest_valid(logdir, self.saver.prefix) if self.is_chief else None]
+        dist.broadcast_object_list(box, src=self.chief_rank)
+        path = box[0]
+        if path is None:
+            plain = [p for p in _checkpoint.list_checkpoints(logdir, self.saver.prefix)
+                     if self.is_chief and not _sharded.is_sharded(p)]
+            if plain:
+                logger.warning("%s holds checkpoints that are not sharded (%s, ...): an FSDP2 run restores only "
+                               "sharded ones, so it starts afresh", logdir, os.path.basename(plain[-1]))
+            return None
+        marker = _sharded.read_marker(path)
+        template = self.state(supervisor)
+        own_key = f"{_sharded.REPLICAS_KEY}.{self.rank}"
+        sizes = _sharded._reader(path).read_metadata().state_dict_metadata
+        if marker.get("world_size") == self.world_size and own_key in sizes:
+            template[_sharded.REPLICAS_KEY] = {str(self.rank): torch.empty(tuple(sizes[own_key].size), dtype=torch.uint8)}
+        else:
+            del template[_sharded.REPLICAS_KEY]
+            logger.warning(
+                "Checkpoint %s was written by %s ranks, this run has %d: weights, optimizer and global step are "
+                "resharded, but each rank's RNG streams and data position start afresh", path,
+                marker.get("world_size"), self.world_size,
+            )
+        _sharded.load_into(path, template)
+        set_state_dict(self.train_op.model, self.optimizer, model_state_dict=template.pop("model"),
+                       optim_state_dict=template.pop("optimizer"))
+        own = template.pop(_sharded.REPLICAS_KEY, None)
+        state = dict(template)
+        state["model"] = self.train_op.model.state_dict()  # already loaded: the train op loads it again as is
+        state["optimizer"] = self.train_op.optimizer.state_dict()
+        if own is not None:
+            state.update(torch.load(io.BytesIO(own[str(self.rank)].numpy().tobytes()), weights_only=True))
+        return path, state
+
+    def after_restore(self, supervisor: Any) -> None:
+        mine = (self.train_op.step, supervisor.restored_from)
+        everyone: list[Any] = [None] * self.world_size
+        dist.all_gather_object(everyone, mine)
+        if any(e != everyone[self.chief_rank] for e in everyone):
+            from torchslim.distributed import DistributedError
+
+            raise DistributedError(f"the ranks start from different states (global step, checkpoint): {everyone}")
+
+    def before_training(self, supervisor: Any) -> None:
+        pass
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Nothing to keep: :meth:`restore_latest` already gave this rank its own RNG streams and data position."""
+
+    def save_due(self, step: int, trigger: Any) -> bool:
+        """The agreed answer: ``attach`` made the Supervisor's trigger the same on every rank."""
+        return trigger is not None and bool(trigger(step))
+
+    def replica_states(self, supervisor: Any) -> None:
+        """None: each rank writes its own state into its shard, not through the chief."""
+        return None
+
+    def should_stop(self) -> bool:
+        return False
+
+    def close(self) -> None:
+        if self._trigger is not None:
+            self._trigger.collect()  # every rank launched the same broadcasts: none is left in flight
+        if self._hook is not None:
+            try:
+                self.train_op.after_backward.remove(self._hook)
+            except ValueError:
+                pass
+            self._hook = None
+
+
+class _SupervisorSaver:
+    """What the Supervisor calls on its saver, for sharded checkpoints (restore, wait, close)."""
+
+    def __init__(self, replica: FSDPReplica, supervisor: Any) -> None:
+        self.replica = replica
+        self.supervisor = supervisor
+        assert replica.saver is not None
+        self.prefix = replica.saver.prefix
+        self.max_to_keep = replica.saver.max_to_keep
+
+    def restore_latest(self, logdir: str, map_location: Any = "cpu") -> tuple[str, dict[str, Any]] | None:
+        return self.replica.restore_latest(self.supervisor, logdir)
+
+    def checkpoint_path(self, logdir: str, global_step: int) -> str:
+        assert self.replica.saver is not None
+        return self.replica.saver.checkpoint_path(logdir, global_step)
+
+    def wait(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
