@@ -584,7 +584,9 @@ def mean_pairwise_squared_error(
 
     For ``labels = [a, b, c]`` and ``predictions = [x, y, z]`` the loss of the
     example is ``(((a-b)-(x-y))**2 + ((a-c)-(x-z))**2 + ((b-c)-(y-z))**2) / 3``
-    (computed in closed form). ``weights`` is a scalar or ``[batch]``.
+    (computed in closed form). ``weights`` is a scalar or ``[batch]``. An
+    empty batch (or examples of one element, which have no pairs) gives a
+    zero loss that still backpropagates, as the other losses do.
 
     Example:
         >>> mean_pairwise_squared_error(torch.tensor([[1., 2., 3.]]), torch.tensor([[1., 2., 3.]]))
@@ -596,7 +598,8 @@ def mean_pairwise_squared_error(
         raise ValueError("weights must be a number or a tensor, got None")
     if predictions.dim() < 1:
         raise ValueError(f"predictions must have a batch dimension, got shape {list(predictions.shape)}")
-    diffs = (predictions - labels).reshape(predictions.shape[0], -1)
+    batch = predictions.shape[0]
+    diffs = (predictions - labels).reshape(batch, -1) if batch else (predictions - labels).reshape(0, 0)
     w = _as_float(_as_tensor(weights, "weights", like=diffs), diffs)
     if w.dim() > 1 and w.shape[-1] == 1:
         w = w.squeeze(-1)

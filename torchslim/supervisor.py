@@ -10,18 +10,29 @@
         sv.finish()                         # the final checkpoint
 
 ``slim.learning.train`` drives one; use it directly only for a loop of your
-own. On start it restores the newest intact checkpoint in ``logdir``
-(weights, optimizer, scheduler, global step, RNG streams, data position) or,
-when there is none, calls ``init_fn`` — one entry point for a fresh start
-and for recovery. While running it writes checkpoints and summaries when
-their triggers say so, both off the training thread. Only the chief writes.
+own. On start it takes the logdir's lock (one writer per logdir, see
+torchslim.logdir), checks that the logdir can be written, then restores the
+newest intact checkpoint in ``logdir`` (weights, optimizer, scheduler,
+global step, RNG streams, data position) or, when there is none, calls
+``init_fn`` — one entry point for a fresh start and for recovery. While
+running it writes checkpoints and summaries when their triggers say so, both
+off the training thread, and raises a failed background save at the next
+step. Only the chief writes.
+
+In the main thread, SIGTERM and SIGINT end the run at the next step
+boundary with a checkpoint (see torchslim.preemption): ``after_step`` (and
+``should_stop``) see the signal, the chief saves synchronously, everything
+is stopped, then KeyboardInterrupt (SIGINT) or ``Preempted`` (SIGTERM, exit
+status 143) is raised.
 """
 from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import random
+import signal
 import time
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -31,11 +42,15 @@ import torch
 
 from torchslim import checkpoint as _checkpoint
 from torchslim import collections as _collections
+from torchslim import logdir as _logdir
 from torchslim import triggers as _triggers
 from torchslim.collections import GraphKeys
 from torchslim.data import is_one_shot, make_resumable
+from torchslim.logdir import LogdirError, LogdirLockedError
+from torchslim.preemption import Preempted, StopSignals
 
-__all__ = ["Supervisor", "rng_state", "set_rng_state"]
+__all__ = ["LogdirError", "LogdirLockedError", "Preempted", "Supervisor", "check_service_args", "rng_state",
+           "set_rng_state"]
 
 logger = logging.getLogger("torchslim")
 
@@ -68,6 +83,83 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((py[0], tuple(py[1]), py[2]))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _check_interval(name: str, value: Any, kind: type | tuple[type, ...]) -> None:
+    if value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value) or value <= 0:
+        what = "int" if kind is int else "number"
+        raise ValueError(f"{name} must be None (off) or a positive finite {what}, got {value!r}")
+
+
+def check_service_args(
+    logdir: Any = None,
+    data: Any = None,
+    is_chief: Any = None,
+    init_fn: Any = None,
+    saver: Any = None,
+    save_interval_secs: Any = None,
+    save_interval_steps: Any = None,
+    summary_op: Any = None,
+    summary_writer: Any = None,
+    save_summaries_secs: Any = None,
+    save_summaries_steps: Any = None,
+    ignore_live_threads: Any = False,
+) -> None:
+    """Checks the Supervisor's (and train()'s) service arguments; raises ValueError naming the bad one.
+
+    Called before anything is written, so a bad value never leaves a file.
+
+    Example:
+        >>> check_service_args(save_summaries_secs=float('nan'))
+        Traceback (most recent call last):
+        ...
+        ValueError: save_summaries_secs must be None (off) or a positive finite number, got nan
+    """
+    from torchslim.learning import _USE_DEFAULT
+    from torchslim.summaries import SummaryRecord
+
+    if logdir is not None and (not isinstance(logdir, (str, os.PathLike)) or not os.fspath(logdir)):
+        raise ValueError(f"logdir must be a directory path or None, got {logdir!r}")
+    if data is not None and not hasattr(data, "__iter__") and not hasattr(data, "__getitem__"):
+        raise ValueError(f"data must be None or an iterable of batches (list, Dataset, DataLoader), got "
+                         f"{type(data).__name__}")
+    if is_chief is not None and not isinstance(is_chief, bool):
+        raise ValueError(f"is_chief must be None (decided by the rank) or a bool, got {is_chief!r}")
+    if init_fn is not None and not callable(init_fn):
+        raise ValueError(f"init_fn must be a callable taking no argument, got {init_fn!r}")
+    if saver is not None and not isinstance(saver, _checkpoint.Saver):
+        raise ValueError(f"saver must be None or a torchslim.checkpoint.Saver, got {type(saver).__name__}")
+    for name, value in (("save_interval_secs", save_interval_secs), ("save_summaries_secs", save_summaries_secs)):
+        _check_interval(name, value, (int, float))
+    for name, value in (("save_interval_steps", save_interval_steps), ("save_summaries_steps", save_summaries_steps)):
+        _check_interval(name, value, int)
+    if summary_op is not _USE_DEFAULT and summary_op is not None:
+        if not isinstance(summary_op, (list, tuple)) or not all(isinstance(r, SummaryRecord) for r in summary_op):
+            raise ValueError(
+                "summary_op must be a list of summary records (what slim.summaries.add_*_summary returns), "
+                f"or None for no summaries; got {type(summary_op).__name__}"
+            )
+    if summary_writer is not _USE_DEFAULT and summary_writer is not None:
+        missing = [m for m in ("write", "add_scalar", "flush") if not callable(getattr(summary_writer, m, None))]
+        if missing:
+            raise ValueError(
+                "summary_writer must be a torchslim.summaries.SummaryWriter (or None for no summaries), got "
+                f"{type(summary_writer).__name__} (it has no {', '.join(missing)})"
+            )
+    if not isinstance(ignore_live_threads, bool):
+        raise ValueError(f"ignore_live_threads must be a bool, got {ignore_live_threads!r}")
+
+
+def _state_bytes(obj: Any) -> int:
+    if isinstance(obj, torch.Tensor):
+        return obj.element_size() * obj.numel()
+    if isinstance(obj, dict):
+        return sum(_state_bytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(_state_bytes(v) for v in obj)
+    return 0
 
 
 def _wants_distributed(master: str, sync_optimizer: Any) -> bool:
@@ -106,6 +198,10 @@ class Supervisor:
     ) -> None:
         from torchslim.learning import _USE_DEFAULT
 
+        check_service_args(
+            logdir, data, is_chief, init_fn, saver, save_interval_secs, save_interval_steps, summary_op,
+            summary_writer, save_summaries_secs, save_summaries_steps, ignore_live_threads,
+        )
         self.train_op = train_op
         self.logdir = logdir
         self.data = make_resumable(data)
@@ -122,8 +218,7 @@ class Supervisor:
             is_chief = self.replica.is_chief
         self.is_chief = True if is_chief is None else bool(is_chief)
         writes = logdir is not None and self.is_chief
-        if saver is not None and not isinstance(saver, _checkpoint.Saver):
-            raise ValueError(f"saver must be a torchslim.checkpoint.Saver, got {type(saver).__name__}")
+        self._writes = writes
         self.saver = (saver or _checkpoint.Saver()) if logdir is not None else None
         self.save_trigger = _triggers.make_trigger(save_interval_secs, save_interval_steps) if writes else None
         self.summary_op = summary_op if summary_op is not _USE_DEFAULT else None
@@ -137,6 +232,12 @@ class Supervisor:
         self.coordinator: Any = None
         self._last_summary: tuple[int, float] | None = None
         self._last_saved_step: int | None = None
+        self.signals = StopSignals()
+        self._lock: _logdir.LogdirLock | None = None
+        self._queued_saves: list[str] = []  # background saves not yet seen on disk, oldest first
+        self._save_check: Callable[[], None] | None = None
+        self._stopped = False
+        self._signal_detail = ""
 
     # -- state ---------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -163,18 +264,22 @@ class Supervisor:
 
     # -- start ---------------------------------------------------------------
     def start(self) -> None:
-        if self.logdir is not None and self.is_chief:
-            os.makedirs(self.logdir, exist_ok=True)
-        restored = None
-        if self.logdir is not None:
-            restored = self.saver.restore_latest(self.logdir)
-        if restored is not None:
-            self.restored_from, state = restored
-            self.load_state_dict(state)
-            logger.info("Restored %s (global step %d)", self.restored_from, self.train_op.step)
-        elif self.init_fn is not None:
-            self.init_fn()
+        """Locks and checks the logdir, restores or initialises, starts the services (see the module docstring)."""
         try:
+            if self._writes:
+                self._lock = _logdir.prepare(self.logdir)  # type: ignore[arg-type]
+            self.signals.install()
+            restored = None
+            if self.logdir is not None:
+                restored = self.saver.restore_latest(self.logdir)
+            if restored is not None:
+                self.restored_from, state = restored
+                self.load_state_dict(state)
+                logger.info("Restored %s (global step %d)", self.restored_from, self.train_op.step)
+            elif self.init_fn is not None:
+                self.init_fn()
+            if self._writes and self.saver is not None:
+                self._check_room_for_a_checkpoint()
             if self.replica is not None:
                 self.replica.after_restore(self)
             if self._summaries_on:
@@ -193,6 +298,13 @@ class Supervisor:
                 logger.warning("While stopping after an error: %r", again)
             raise
         self._last_summary = (self.train_op.step, time.monotonic())
+
+    def _check_room_for_a_checkpoint(self) -> None:
+        try:
+            state = self.state_dict()
+        except ValueError:  # no module to checkpoint: the first save says so
+            return
+        _logdir.check_free_space(self.logdir, _state_bytes(state))  # type: ignore[arg-type]
 
     def _open_writer(self, purge_step: int | None) -> None:
         from torchslim import summaries
@@ -214,7 +326,9 @@ class Supervisor:
 
     # -- running -------------------------------------------------------------
     def should_stop(self, number_of_steps: int | None = None) -> bool:
-        """True once the global step reached ``number_of_steps``; re-raises a queue runner's error."""
+        """True once the global step reached ``number_of_steps`` or a stop signal came; re-raises a queue runner's error."""
+        if self.signals.received is not None:
+            return True
         coord = self.coordinator
         if coord is not None and coord.should_stop():
             coord.raise_requested_exception()
@@ -224,13 +338,32 @@ class Supervisor:
         return number_of_steps is not None and self.train_op.step >= number_of_steps
 
     def after_step(self, loss: torch.Tensor) -> None:
-        """Writes summaries and checkpoints that are due after the step just taken."""
+        """Writes summaries and checkpoints that are due after the step just taken.
+
+        Raises a failed background save (naming the file and the OS error),
+        and, once SIGTERM or SIGINT came, saves, stops and raises (see the
+        module docstring).
+        """
         op = self.train_op
         if op.record_summaries:
             self.write_summaries(loss)
         trigger = self.save_trigger
         if trigger is not None and trigger(op.step):
             self.save(block=False)
+        if self._save_check is not None:
+            self._save_check()
+        if self.signals.received is not None:
+            self._stop_for_signal()
+
+    def _stop_for_signal(self) -> None:
+        signum = self.signals.received
+        name = signal.Signals(signum).name
+        step = self.train_op.step
+        logger.warning("Received %s: stopping at global step %d%s (send it again to stop at once)", name, step,
+                       " after saving a checkpoint" if self._writes and self.saver is not None else "")
+        path = self.save(block=True)
+        self._signal_detail = f"at global step {step}" + (f", checkpoint {path}" if path else "")
+        self.stop()  # raises KeyboardInterrupt or Preempted once everything is stopped
 
     def write_summaries(self, loss: torch.Tensor | None) -> None:
         op = self.train_op
@@ -263,8 +396,31 @@ class Supervisor:
         self._last_saved_step = step
         if block:
             return self.saver.save(self.logdir, state, step)
+        if self._save_check is None and self.saver.asynchronous:
+            # The checkpoint helper's cheap check when it has one, else this module's, from the Saver's state.
+            self._save_check = getattr(self.saver, "raise_if_failed", None) or self._raise_failed_background_save
+        self._queued_saves = [p for p in self._queued_saves if not os.path.isfile(p)]
+        self._queued_saves.append(self.saver.checkpoint_path(self.logdir, step))
         self.saver.save_async(self.logdir, state, step)
         return None
+
+    def _raise_failed_background_save(self) -> None:
+        if getattr(self.saver, "_error", None) is None:
+            return
+        failed = next((p for p in self._queued_saves if not os.path.isfile(p)), None)
+        try:
+            self.saver.wait()  # raises the pending error (and clears it)
+        except _checkpoint.CheckpointError as e:
+            cause = e.__cause__ if e.__cause__ is not None else e
+            on_disk = _checkpoint.list_checkpoints(self.logdir)  # type: ignore[arg-type]
+            intact = next((p for p in reversed(on_disk) if os.path.isfile(p)), None)
+            where = repr(failed) if failed else f"in {self.logdir!r}"
+            raise _checkpoint.CheckpointError(
+                f"saving checkpoint {where} failed in the background: "
+                f"{type(cause).__name__}: {cause}; "
+                + (f"the newest intact checkpoint is {intact}, where a restart resumes"
+                   if intact else "no checkpoint was written yet")
+            ) from cause
 
     def finish(self) -> None:
         """A clean end: the final checkpoint (TF-Slim: 'Finished training! Saving model to disk.')."""
@@ -276,15 +432,26 @@ class Supervisor:
 
     # -- stop ----------------------------------------------------------------
     def stop(self, error: BaseException | None = None) -> None:
-        """Stops queue runners, closes writers, waits for saves; ``error`` is the exception in flight, if any."""
+        """Stops queue runners, closes writers, waits for saves, releases the logdir; idempotent.
+
+        ``error`` is the exception in flight, if any. Without one, a stop
+        signal received while running is raised last (KeyboardInterrupt or
+        :class:`Preempted`).
+        """
+        if self._stopped:
+            return
+        self._stopped = True
         errors: list[BaseException] = []
-        for action in (self._stop_queue_runners, self._close_writer, self._close_saver, self._close_replica):
+        for action in (self._stop_queue_runners, self._close_writer, self._close_saver, self._close_replica,
+                       self._release_logdir, self.signals.restore):
             try:
                 action(error) if action is self._stop_queue_runners else action()
             except BaseException as e:  # keep stopping the rest; report the first
                 errors.append(e)
         if errors:
             raise errors[0]
+        if error is None:
+            self.signals.raise_for_signal(self._signal_detail)
 
     def _stop_queue_runners(self, error: BaseException | None = None) -> None:
         if self._queue_runners is not None:
@@ -306,6 +473,11 @@ class Supervisor:
     def _close_replica(self) -> None:
         if self.replica is not None:
             self.replica.close()
+
+    def _release_logdir(self) -> None:
+        if self._lock is not None:
+            lock, self._lock = self._lock, None
+            lock.release()
 
     def __enter__(self) -> Supervisor:
         self.start()
