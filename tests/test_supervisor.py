@@ -434,3 +434,14 @@ def test_fuzzed_intervals_are_accepted_exactly_when_valid(tmp_path_factory, arg,
 def test_doctests(module):
     result = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert result.attempted > 0 and result.failed == 0
+
+
+def test_under_slurm_sigusr1_stops_train_like_sigterm_with_status_138(tmp_path, monkeypatch):
+    monkeypatch.setenv("SLURM_JOB_ID", "77")
+    op, data = _train_op()
+    with pytest.raises(Preempted) as info:
+        slim.learning.train(op, str(tmp_path), data=data, number_of_steps=50, save_interval_secs=None,
+                            train_step_fn=_step_then(3, lambda: os.kill(os.getpid(), signal.SIGUSR1)), **NO_SUMMARIES)
+    assert info.value.code == 138 and "SIGUSR1" in str(info.value)
+    assert _steps(tmp_path) == [3]
+    assert signal.getsignal(signal.SIGUSR1) is signal.SIG_DFL
