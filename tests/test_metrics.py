@@ -332,7 +332,7 @@ def test_fuzzed_class_ids_are_refused_exactly_when_out_of_range(labels, classes)
     if all(0 <= v < classes for v in labels):
         m(preds, torch.tensor(labels))
     else:
-        with pytest.raises(ValueError, match=r"argument 'labels' must hold class ids in \[0, %d\)" % classes):
+        with pytest.raises(ValueError, match=rf"argument 'labels' must hold class ids in \[0, {classes}\)"):
             m(preds, torch.tensor(labels))
 
 

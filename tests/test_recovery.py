@@ -43,7 +43,7 @@ def _in_mount_namespace(script: str, env: dict[str, str], timeout: float = 240) 
     proc = subprocess.Popen(["unshare", "-m", "--propagation", "private", "bash", "-uc", script], env=env,
                             start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
-        out, err = proc.communicate(timeout=timeout)
+        _, err = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()

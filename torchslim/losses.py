@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import numbers
 import sys
+import types
 import warnings
 from typing import Any
 
@@ -118,7 +119,7 @@ def _check_collection(loss_collection: Any) -> None:
 def _check_label_smoothing(label_smoothing: Any) -> float:
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real):
         raise TypeError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
-    if not 0 <= label_smoothing <= 1:
+    if not 0 <= float(label_smoothing) <= 1:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
     return float(label_smoothing)
 
@@ -207,7 +208,8 @@ def compute_weighted_loss(
 # ------------------------------------------------------------- collection
 def _caller_stacklevel() -> int:
     """The warnings stacklevel of the first frame outside this module (seen from add_loss)."""
-    level, frame = 2, sys._getframe(2)
+    level = 2
+    frame: types.FrameType | None = sys._getframe(2)
     while frame is not None and frame.f_code.co_filename == __file__:
         frame, level = frame.f_back, level + 1
     return level

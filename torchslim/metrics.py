@@ -295,6 +295,8 @@ class _Mean(torchmetrics.Metric):
     """
 
     full_state_update = False
+    total: torch.Tensor
+    count: torch.Tensor
 
     def __init__(self, elementwise: bool = False) -> None:
         super().__init__()
@@ -796,6 +798,8 @@ class _Ratio(torchmetrics.Metric):
     """``hits / (hits + misses)`` of summed counts; 0 when both are 0."""
 
     full_state_update = False
+    hits: torch.Tensor
+    misses: torch.Tensor
 
     def __init__(self) -> None:
         super().__init__()

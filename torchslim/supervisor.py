@@ -35,7 +35,7 @@ import random
 import signal
 import time
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -62,7 +62,7 @@ def rng_state() -> dict[str, Any]:
         >>> s = rng_state(); a = torch.rand(1); set_rng_state(s); bool(torch.rand(1) == a)
         True
     """
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
+    kind, keys, pos, has_gauss, cached = cast(tuple[str, np.ndarray, int, int, float], np.random.get_state())
     state: dict[str, Any] = {
         "torch": torch.get_rng_state(),
         "numpy": {"kind": kind, "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
@@ -85,12 +85,13 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def _check_interval(name: str, value: Any, kind: type | tuple[type, ...]) -> None:
+def _check_interval(name: str, value: Any, integer: bool) -> None:
     if value is None:
         return
-    if isinstance(value, bool) or not isinstance(value, kind) or not math.isfinite(value) or value <= 0:
-        what = "int" if kind is int else "number"
-        raise ValueError(f"{name} must be None (off) or a positive finite {what}, got {value!r}")
+    number = value if isinstance(value, int) or (not integer and isinstance(value, float)) else None
+    if isinstance(value, bool) or number is None or not math.isfinite(number) or number <= 0:
+        raise ValueError(f"{name} must be None (off) or a positive finite {'int' if integer else 'number'}, "
+                         f"got {value!r}")
 
 
 def check_service_args(
@@ -132,15 +133,16 @@ def check_service_args(
     if saver is not None and not isinstance(saver, _checkpoint.Saver):
         raise ValueError(f"saver must be None or a torchslim.checkpoint.Saver, got {type(saver).__name__}")
     for name, value in (("save_interval_secs", save_interval_secs), ("save_summaries_secs", save_summaries_secs)):
-        _check_interval(name, value, (int, float))
+        _check_interval(name, value, integer=False)
     for name, value in (("save_interval_steps", save_interval_steps), ("save_summaries_steps", save_summaries_steps)):
-        _check_interval(name, value, int)
-    if summary_op is not _USE_DEFAULT and summary_op is not None:
-        if not isinstance(summary_op, (list, tuple)) or not all(isinstance(r, SummaryRecord) for r in summary_op):
-            raise ValueError(
-                "summary_op must be a list of summary records (what slim.summaries.add_*_summary returns), "
-                f"or None for no summaries; got {type(summary_op).__name__}"
-            )
+        _check_interval(name, value, integer=True)
+    if summary_op is not _USE_DEFAULT and summary_op is not None and (
+        not isinstance(summary_op, (list, tuple)) or not all(isinstance(r, SummaryRecord) for r in summary_op)
+    ):
+        raise ValueError(
+            "summary_op must be a list of summary records (what slim.summaries.add_*_summary returns), "
+            f"or None for no summaries; got {type(summary_op).__name__}"
+        )
     if summary_writer is not _USE_DEFAULT and summary_writer is not None:
         missing = [m for m in ("write", "add_scalar", "flush") if not callable(getattr(summary_writer, m, None))]
         if missing:
@@ -270,7 +272,7 @@ class Supervisor:
                 self._lock = _logdir.prepare(self.logdir)  # type: ignore[arg-type]
             self.signals.install()
             restored = None
-            if self.logdir is not None:
+            if self.logdir is not None and self.saver is not None:
                 restored = self.saver.restore_latest(self.logdir)
             if restored is not None:
                 self.restored_from, state = restored
@@ -310,7 +312,7 @@ class Supervisor:
         from torchslim import summaries
 
         if self._writer_arg is None:
-            self.writer = summaries.SummaryWriter(self.logdir, purge_step=purge_step)
+            self.writer = summaries.SummaryWriter(cast(str, self.logdir), purge_step=purge_step)
             self._owns_writer = True
         else:
             self.writer = self._writer_arg
@@ -357,6 +359,8 @@ class Supervisor:
 
     def _stop_for_signal(self) -> None:
         signum = self.signals.received
+        if signum is None:
+            return
         name = signal.Signals(signum).name
         step = self.train_op.step
         logger.warning("Received %s: stopping at global step %d%s (send it again to stop at once)", name, step,
@@ -405,11 +409,12 @@ class Supervisor:
         return None
 
     def _raise_failed_background_save(self) -> None:
-        if getattr(self.saver, "_error", None) is None:
+        saver = self.saver
+        if saver is None or getattr(saver, "_error", None) is None:
             return
         failed = next((p for p in self._queued_saves if not os.path.isfile(p)), None)
         try:
-            self.saver.wait()  # raises the pending error (and clears it)
+            saver.wait()  # raises the pending error (and clears it)
         except _checkpoint.CheckpointError as e:
             cause = e.__cause__ if e.__cause__ is not None else e
             on_disk = _checkpoint.list_checkpoints(self.logdir)  # type: ignore[arg-type]
