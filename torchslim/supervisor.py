@@ -267,6 +267,7 @@ class Supervisor:
     # -- start ---------------------------------------------------------------
     def start(self) -> None:
         """Locks and checks the logdir, restores or initialises, starts the services (see the module docstring)."""
+        self._stopped = False
         try:
             if self._writes:
                 self._lock = _logdir.prepare(self.logdir)  # type: ignore[arg-type]
