@@ -364,9 +364,13 @@ class Supervisor:
             return
         name = signal.Signals(signum).name
         step = self.train_op.step
+        # Across replicas a save is a collective that every replica must enter at the same step, and each
+        # one got the signal at a step of its own: a multi-process job stops without it and resumes from its
+        # last periodic checkpoint (agreeing on the stop step through the replicas would lift this).
+        saves = self._writes and self.saver is not None and self.replica is None
         logger.warning("Received %s: stopping at global step %d%s (send it again to stop at once)", name, step,
-                       " after saving a checkpoint" if self._writes and self.saver is not None else "")
-        path = self.save(block=True)
+                       " after saving a checkpoint" if saves else "")
+        path = self.save(block=True) if self.replica is None else None
         self._signal_detail = f"at global step {step}" + (f", checkpoint {path}" if path else "")
         self.stop()  # raises KeyboardInterrupt or Preempted once everything is stopped
 
