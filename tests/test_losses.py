@@ -351,6 +351,20 @@ class TestMeanPairwiseSquaredError:
         both = losses.mean_pairwise_squared_error(torch.cat([p0, p1]), torch.cat([l0, l1]))
         close(a + b, float(both), 5)
 
+    @pytest.mark.parametrize("shape", [(0, 3), (0, 3, 2), (0,)])
+    def test_an_empty_batch_is_a_zero_loss_that_backpropagates(self, shape):
+        pred = torch.zeros(shape, requires_grad=True)
+        loss = losses.mean_pairwise_squared_error(pred, torch.zeros(shape), loss_collection=None)
+        assert loss.shape == () and float(loss.detach()) == 0.0
+        loss.backward()
+        assert pred.grad.shape == pred.shape
+
+    def test_weights_of_an_empty_batch_must_be_scalar_or_empty(self):
+        with pytest.raises(ValueError, match=r"weights shape \[2\] must be a scalar or \[batch_size\] = \[0\]"):
+            losses.mean_pairwise_squared_error(torch.zeros(0, 3), torch.zeros(0, 3), torch.ones(2), loss_collection=None)
+        assert float(losses.mean_pairwise_squared_error(torch.zeros(0, 3), torch.zeros(0, 3), torch.ones(0),
+                                                        loss_collection=None)) == 0.0
+
 
 class TestCosineDistance:
     P = torch.tensor([[1, 0, 0], [0, 0, -1], [1, 0, 0], [1, 0, 0], [0, 0, -1], [1, 0, 0.0]]).reshape(3, 2, 3)

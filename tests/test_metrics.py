@@ -1,8 +1,13 @@
-"""slim.metrics: each streaming metric against numpy over several batches, reset, aggregation."""
+"""slim.metrics: each streaming metric against numpy over several batches, reset, aggregation, bad labels."""
+import doctest
+import functools
+
 import numpy as np
 import pytest
 import torch
 import torchmetrics
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import torchslim as slim
 from torchslim import metrics
@@ -262,3 +267,75 @@ def test_bad_inputs_name_the_argument():
         metrics.streaming_mean_iou(num_classes="3")
     with pytest.raises(TypeError, match=r"streaming_accuracy.*update\(\) missing 1 required positional argument: 'labels'"):
         metrics.streaming_accuracy()(torch.zeros(2))
+
+
+# --------------------------------------------------------------- label ranges and dtypes
+@pytest.mark.parametrize("make, predictions, labels, message", [
+    (metrics.streaming_auc, torch.rand(4), torch.tensor([0, 1, 2, 3]),
+     r"streaming_auc: argument 'labels' must hold booleans or the integers 0 and 1, got values \[0, 1, 2, 3\]"),
+    (metrics.streaming_precision, torch.tensor([1, 0, 1]), torch.tensor([0.0, 1.0, 0.7]),
+     r"streaming_precision: argument 'labels' must hold booleans or the integers 0 and 1, got dtype torch.float32"),
+    (metrics.streaming_recall, torch.tensor([0.2, 0.9]), torch.tensor([0, 1]),
+     r"streaming_recall: argument 'predictions' must hold booleans .* got dtype torch.float32"),
+    (metrics.streaming_precision, torch.tensor([0, 1, -1]), torch.tensor([0, 1, 1]),
+     r"argument 'predictions' must hold booleans or the integers 0 and 1, got values \[-1, 0, 1\]"),
+    (functools.partial(metrics.streaming_recall_at_k, k=1), torch.rand(3, 4), torch.tensor([0, 1, 4]),
+     r"streaming_recall_at_k: argument 'labels' must hold class ids in \[0, 4\).*got values \[0, 1, 4\]"),
+    (functools.partial(metrics.streaming_recall_at_k, k=1), torch.rand(2, 4), torch.tensor([0.0, 1.0]),
+     r"streaming_recall_at_k: argument 'labels' must hold integer class ids, got dtype torch.float32"),
+    (functools.partial(metrics.streaming_mean_iou, 3), torch.tensor([0, 1]), torch.tensor([0, 5]),
+     r"streaming_mean_iou: argument 'labels' must hold class ids in \[0, 3\) \(num_classes\), got values \[0, 5\]"),
+    (functools.partial(metrics.streaming_sparse_recall_at_k, k=1), torch.rand(2, 3), torch.tensor([[0.0], [1.0]]),
+     r"streaming_sparse_recall_at_k: argument 'labels' must hold integer class ids \(-1 for padding\)"),
+])
+def test_labels_out_of_range_or_of_the_wrong_dtype_name_the_argument_and_the_values(make, predictions, labels, message):
+    m = make()
+    with pytest.raises(ValueError, match=message):
+        m(predictions, labels)
+    m(*_good_batch(make))  # the refused batch left no state behind: a good one still works
+    assert torch.isfinite(torch.as_tensor(m.compute())).all()
+
+
+def _good_batch(make):
+    name = getattr(make, "func", make).__name__
+    if name in ("streaming_recall_at_k", "streaming_sparse_recall_at_k"):
+        return torch.tensor([[0.9, 0.1, 0.0], [0.1, 0.8, 0.1]]), torch.tensor([0, 2])
+    if name == "streaming_mean_iou":
+        return torch.tensor([0, 1, 2]), torch.tensor([0, 1, 1])
+    if name == "streaming_auc":
+        return torch.tensor([0.2, 0.7, 0.4]), torch.tensor([0, 1, 1])
+    return torch.tensor([True, False, True]), torch.tensor([1, 0, 0])
+
+
+def test_bool_and_integer_binary_labels_give_the_same_value():
+    p, l = torch.tensor([1, 1, 0, 1]), torch.tensor([1, 0, 0, 1])
+    for make in (metrics.streaming_precision, metrics.streaming_recall):
+        a, b = make(), make()
+        a(p, l)
+        b(p.bool(), l.bool())
+        assert torch.equal(a.compute(), b.compute())
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the deferred device-side check needs an accelerator")
+def test_on_an_accelerator_the_label_check_is_deferred_to_compute():
+    m = metrics.streaming_auc()
+    m(torch.rand(4, device="cuda"), torch.tensor([0, 1, 3, 1], device="cuda"))  # no host read here
+    with pytest.raises(ValueError, match=r"argument 'labels' must hold .* got values from 0 to 3"):
+        m.compute()
+
+
+@settings(max_examples=80, deadline=None)
+@given(labels=st.lists(st.integers(-3, 6), min_size=1, max_size=8), classes=st.integers(2, 5))
+def test_fuzzed_class_ids_are_refused_exactly_when_out_of_range(labels, classes):
+    preds = torch.rand(len(labels), classes)
+    m = metrics.streaming_recall_at_k(k=1)
+    if all(0 <= v < classes for v in labels):
+        m(preds, torch.tensor(labels))
+    else:
+        with pytest.raises(ValueError, match=rf"argument 'labels' must hold class ids in \[0, {classes}\)"):
+            m(preds, torch.tensor(labels))
+
+
+def test_doctests():
+    result = doctest.testmod(metrics, optionflags=doctest.ELLIPSIS)
+    assert result.attempted > 0 and result.failed == 0

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from torchslim import checkpoint
+from torchslim import logdir as slim_logdir
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "scripts", "resume_train.py")
 pytestmark = pytest.mark.slow
@@ -133,3 +134,107 @@ def test_damaged_newest_checkpoint_resumes_from_the_previous_one(uninterrupted, 
     assert final_b["step"] == 200
     # It resumed from step 110, so it retrained 110..120 on the same data with the same RNG: bitwise equal.
     _assert_bitwise_equal(final_a["model"], final_b["model"], "model")
+
+
+# --------------------------------------------------------------------------- preemption: SIGTERM, SIGINT
+
+
+def _start_printing(logdir, out, env, *extra):
+    return subprocess.Popen([sys.executable, SCRIPT, str(logdir), str(out), "--print-steps", *extra], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _read_until_step(proc, target):
+    """Reads the steps the job prints until it reached ``target``; returns the last one read."""
+    step = 0
+    while step < target:
+        line = proc.stdout.readline()
+        if not line:
+            proc.wait(10)
+            pytest.fail(f"the training job exited (status {proc.returncode}) at step {step}, before step {target}")
+        step = int(line)
+    return step
+
+
+def _finish(proc, timeout=60):
+    try:
+        rest, err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.communicate()
+    return rest.split(), err
+
+
+@pytest.mark.parametrize("sig, status", [(signal.SIGTERM, 143), (signal.SIGINT, -signal.SIGINT)],
+                         ids=["SIGTERM", "SIGINT"])
+def test_a_signal_at_a_random_step_saves_that_step_exits_and_resumes_bitwise(uninterrupted, tmp_path, sig, status):
+    final_a, env = uninterrupted
+    logdir, out = tmp_path / "logdir", tmp_path / "final.pt"
+    # No periodic checkpoint before step 1000: the one the signal makes is the only one.
+    proc = _start_printing(logdir, out, env, "--save-every", "1000")
+    target = random.randint(5, 150)
+    _read_until_step(proc, target)
+    proc.send_signal(sig)
+    rest, err = _finish(proc)
+    # Python ends an uncaught KeyboardInterrupt by re-raising SIGINT (status -2, 130 in a shell);
+    # SIGTERM ends with Preempted, a SystemExit(143).
+    assert proc.returncode == status, err
+    stopped_at = int(rest[-1]) if rest else target
+    assert target <= stopped_at < 200
+    assert checkpoint.list_checkpoints(str(logdir)) == [str(logdir / f"model.ckpt-{stopped_at}.pt")], err
+    assert f"Received {sig.name}: stopping at global step {stopped_at}" in err
+    checkpoint.verify_checkpoint(str(logdir / f"model.ckpt-{stopped_at}.pt"))
+    _run(logdir, out, env, "--save-every", "1000")
+    final_b = torch.load(out, weights_only=True)
+    assert final_b["step"] == 200
+    _assert_bitwise_equal(final_a["model"], final_b["model"], "model")
+    _assert_bitwise_equal(final_a["optimizer"], final_b["optimizer"], "optimizer")
+
+
+def test_a_second_sigterm_during_the_final_save_stops_at_once(uninterrupted, tmp_path):
+    _, env = uninterrupted
+    logdir, out, marker = tmp_path / "logdir", tmp_path / "final.pt", tmp_path / "saving"
+    proc = _start_printing(logdir, out, env, "--save-every", "1000", "--save-sleep", "60", "--save-marker", str(marker))
+    try:
+        _read_until_step(proc, 10)
+        proc.send_signal(signal.SIGTERM)
+        _wait_for(marker.exists, 60, proc)  # the checkpoint of the first signal is being written (for 60 s)
+        sent = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        _, err = _finish(proc, timeout=40)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert time.monotonic() - sent < 40, "the second signal did not stop the job at once"
+    assert proc.returncode == 143, err
+    assert checkpoint.list_checkpoints(str(logdir)) == [], "the interrupted save left no checkpoint"
+    assert not [n for n in os.listdir(logdir) if n.startswith(".tmp-")], "nor a temporary file"
+
+
+# --------------------------------------------------------------------------- one writer per logdir
+
+
+def test_a_second_job_on_a_logdir_fails_at_start_naming_the_first_which_is_undisturbed(uninterrupted, tmp_path):
+    final_a, env = uninterrupted
+    logdir = tmp_path / "logdir"
+    first = _start_printing(logdir, tmp_path / "first.pt", env, "--step-sleep", "0.1")  # 200 steps: about 20 s
+    try:
+        _read_until_step(first, 1)
+        holder = slim_logdir.holder(logdir)
+        second = subprocess.run([sys.executable, SCRIPT, str(logdir), str(tmp_path / "second.pt")], env=env,
+                                capture_output=True, text=True, timeout=120)
+        assert first.poll() is None, "the first job ended before the second started; slow it down"
+        assert slim_logdir.holder(logdir) == holder, "the second job did not touch the lock file"
+        _, first_err = _finish(first, timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+            first.communicate()
+    assert second.returncode == 1, second.stderr
+    assert "LogdirLockedError" in second.stderr and f"pid {first.pid} on host" in second.stderr
+    assert "Restored" not in second.stderr and not (tmp_path / "second.pt").exists()
+    assert first.returncode == 0, first_err
+    final_first = torch.load(tmp_path / "first.pt", weights_only=True)
+    _assert_bitwise_equal(final_a["model"], final_first["model"], "model")
+    _assert_bitwise_equal(final_a["optimizer"], final_first["optimizer"], "optimizer")

@@ -11,8 +11,9 @@ arguments, so ``python -m torchslim SUBCOMMAND --help`` explains it.
 from __future__ import annotations
 
 import importlib
+import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 # subcommand -> (module, function taking argv and returning an exit status, one-line help)
 COMMANDS = {
@@ -49,4 +50,26 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     module_name, func_name, _ = COMMANDS[name]
     func = getattr(importlib.import_module(module_name), func_name)
-    return int(func(rest) or 0)
+    return run_reporting_errors(f"torchslim {name}", func, rest)
+
+
+def run_reporting_errors(prog: str, func: Callable[[list[str]], int | None], argv: list[str]) -> int:
+    """Runs a subcommand; an error becomes one line on stderr and exit status 1, never a traceback.
+
+    Ctrl-C exits 130. ``TORCHSLIM_TRACEBACK=1`` shows the traceback instead.
+
+    Example:
+        >>> run_reporting_errors('torchslim x', lambda argv: int(argv[0]), ['nan'])  # the line goes to stderr
+        1
+    """
+    try:
+        return int(func(argv) or 0)
+    except KeyboardInterrupt as e:
+        print(f"{prog}: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
+        return 130
+    except Exception as e:
+        if os.environ.get("TORCHSLIM_TRACEBACK"):
+            raise
+        message = " ".join(str(e).split()) or "(no message)"
+        print(f"{prog}: error: {type(e).__name__}: {message} (TORCHSLIM_TRACEBACK=1 shows where)", file=sys.stderr)
+        return 1

@@ -509,8 +509,8 @@ def create_train_op(
     ):
         if value is not default and value != default:
             raise ValueError(f"{arg}={value!r} has no meaning in eager PyTorch; leave it at {default!r} (see README)")
-    if isinstance(clip_gradient_norm, bool) or not isinstance(clip_gradient_norm, (int, float)) or clip_gradient_norm < 0:
-        raise ValueError(f"clip_gradient_norm must be a number >= 0, got {clip_gradient_norm!r}")
+    if isinstance(clip_gradient_norm, bool) or not isinstance(clip_gradient_norm, (int, float)) or not math.isfinite(clip_gradient_norm) or clip_gradient_norm < 0:
+        raise ValueError(f"clip_gradient_norm must be a finite number >= 0 (0: no clipping), got {clip_gradient_norm!r}")
 
     if global_step is _USE_GLOBAL_STEP:
         global_step = get_or_create_global_step()
@@ -634,6 +634,7 @@ def _check_train_args(
     save_summaries_secs: Any,
     save_summaries_steps: Any,
     master: Any,
+    train_step_fn: Any,
 ) -> None:
     if train_op is None:
         raise ValueError("train_op cannot be None.")
@@ -648,10 +649,6 @@ def _check_train_args(
             raise ValueError("Cannot provide saver because logdir=None")
         if trace_every_n_steps is not None:
             raise ValueError("Cannot provide trace_every_n_steps because logdir=None")
-    if isinstance(sync_optimizer, list) and not sync_optimizer:
-        raise ValueError("sync_optimizer must be None, a SyncReplicasOptimizer or a non-empty list of them, got []")
-    if sync_optimizer is not None and startup_delay_steps > 0:
-        raise ValueError("startup_delay_steps must be zero when sync_optimizer is supplied.")
     if number_of_steps is not None and train_op.global_step is None:
         raise ValueError(
             "number_of_steps needs a train op that counts steps; create_train_op was given global_step=None"
@@ -664,15 +661,22 @@ def _check_train_args(
     ):
         if isinstance(value, bool) or not isinstance(value, int) or value < 0:
             raise ValueError(f"{name} must be an int >= 0, got {value!r}")
-    for name, value in (
-        ("save_interval_secs", save_interval_secs),
-        ("save_summaries_secs", save_summaries_secs),
-        ("save_interval_steps", save_interval_steps),
-        ("save_summaries_steps", save_summaries_steps),
-        ("trace_every_n_steps", trace_every_n_steps),
+    if isinstance(sync_optimizer, list) and not sync_optimizer:
+        raise ValueError("sync_optimizer must be None, a SyncReplicasOptimizer or a non-empty list of them, got []")
+    if sync_optimizer is not None and startup_delay_steps > 0:
+        raise ValueError("startup_delay_steps must be zero when sync_optimizer is supplied.")
+    if trace_every_n_steps is not None and (
+        isinstance(trace_every_n_steps, bool) or not isinstance(trace_every_n_steps, int) or trace_every_n_steps <= 0
     ):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
-            raise ValueError(f"{name} must be None or a positive number, got {value!r}")
+        raise ValueError(f"trace_every_n_steps must be None or a positive int, got {trace_every_n_steps!r}")
+    if not callable(train_step_fn):
+        raise ValueError(f"train_step_fn must be a callable like slim.learning.train_step, got {train_step_fn!r}")
+    from torchslim.supervisor import check_service_args  # the arguments train() hands to its Supervisor
+
+    check_service_args(
+        logdir=logdir, saver=saver, save_interval_secs=save_interval_secs, save_interval_steps=save_interval_steps,
+        summary_op=summary_op, save_summaries_secs=save_summaries_secs, save_summaries_steps=save_summaries_steps,
+    )
     if not isinstance(master, str):
         raise ValueError(f"master must be a string ('' for local or torchrun, 'tcp://host:port', 'file:///path'), got {master!r}")
 
@@ -733,7 +737,7 @@ def train(
     _check_train_args(
         train_op, logdir, number_of_steps, summary_op, saver, trace_every_n_steps, sync_optimizer,
         startup_delay_steps, log_every_n_steps, save_interval_secs, save_interval_steps,
-        save_summaries_secs, save_summaries_steps, master,
+        save_summaries_secs, save_summaries_steps, master, train_step_fn,
     )
     for name, value, default in (
         ("graph", graph, None), ("init_feed_dict", init_feed_dict, None), ("session_config", session_config, None),

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import numbers
 import sys
+import types
 import warnings
 from typing import Any
 
@@ -118,7 +119,7 @@ def _check_collection(loss_collection: Any) -> None:
 def _check_label_smoothing(label_smoothing: Any) -> float:
     if isinstance(label_smoothing, bool) or not isinstance(label_smoothing, numbers.Real):
         raise TypeError(f"label_smoothing must be a number in [0, 1], got {label_smoothing!r}")
-    if not 0 <= label_smoothing <= 1:
+    if not 0 <= float(label_smoothing) <= 1:
         raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
     return float(label_smoothing)
 
@@ -207,7 +208,8 @@ def compute_weighted_loss(
 # ------------------------------------------------------------- collection
 def _caller_stacklevel() -> int:
     """The warnings stacklevel of the first frame outside this module (seen from add_loss)."""
-    level, frame = 2, sys._getframe(2)
+    level = 2
+    frame: types.FrameType | None = sys._getframe(2)
     while frame is not None and frame.f_code.co_filename == __file__:
         frame, level = frame.f_back, level + 1
     return level
@@ -584,7 +586,9 @@ def mean_pairwise_squared_error(
 
     For ``labels = [a, b, c]`` and ``predictions = [x, y, z]`` the loss of the
     example is ``(((a-b)-(x-y))**2 + ((a-c)-(x-z))**2 + ((b-c)-(y-z))**2) / 3``
-    (computed in closed form). ``weights`` is a scalar or ``[batch]``.
+    (computed in closed form). ``weights`` is a scalar or ``[batch]``. An
+    empty batch (or examples of one element, which have no pairs) gives a
+    zero loss that still backpropagates, as the other losses do.
 
     Example:
         >>> mean_pairwise_squared_error(torch.tensor([[1., 2., 3.]]), torch.tensor([[1., 2., 3.]]))
@@ -596,7 +600,8 @@ def mean_pairwise_squared_error(
         raise ValueError("weights must be a number or a tensor, got None")
     if predictions.dim() < 1:
         raise ValueError(f"predictions must have a batch dimension, got shape {list(predictions.shape)}")
-    diffs = (predictions - labels).reshape(predictions.shape[0], -1)
+    batch = predictions.shape[0]
+    diffs = (predictions - labels).reshape(batch, -1) if batch else (predictions - labels).reshape(0, 0)
     w = _as_float(_as_tensor(weights, "weights", like=diffs), diffs)
     if w.dim() > 1 and w.shape[-1] == 1:
         w = w.squeeze(-1)

@@ -34,13 +34,20 @@ processes (torchmetrics' own synchronisation).
 No ``update`` reads a value back to the host (no ``.item()``), so updating
 every batch costs no device synchronisation, except AUC: torchmetrics checks
 whether the predictions are probabilities.
+
+Labels and class ids are checked, naming the argument and the values seen:
+precision, recall and AUC take booleans or integers 0 and 1 (not floats,
+which TF would silently cast to bool), top-k recall and mean IoU take
+integer class ids below the number of classes. The check runs at once on
+CPU tensors; on an accelerator the smallest and largest values are kept on
+the device and checked by ``compute``, so ``update`` still never waits.
 """
 from __future__ import annotations
 
 import functools
 import inspect
 import types
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -108,6 +115,7 @@ class StreamingMetric:
         finish: Callable[[Any], Any] | None = None,
         metrics_collections: Any = None,
         updates_collections: Any = None,
+        checks: Sequence[_ValueCheck] = (),
     ) -> None:
         if not isinstance(name, str) or not name:
             raise ValueError(f"StreamingMetric: argument 'name' must be a non-empty string, got {name!r}")
@@ -119,6 +127,7 @@ class StreamingMetric:
         self.metric = metric
         self._prepare = prepare
         self._finish = finish
+        self._checks = tuple(checks)
         self._device = _CPU
         if metrics_collections:
             add_to_collections(metrics_collections, self.compute)
@@ -138,12 +147,16 @@ class StreamingMetric:
 
     def compute(self) -> Any:
         """The value over every batch since the last :meth:`reset` (a tensor)."""
+        for check in self._checks:
+            check.verify()
         value = self.metric.compute()
         return self._finish(value) if self._finish is not None else value
 
     def reset(self) -> None:
         """Forgets every batch seen so far."""
         self.metric.reset()
+        for check in self._checks:
+            check.reset()
 
     def __iter__(self) -> Iterator[Callable[..., Any]]:
         return iter((self.compute, self.update))
@@ -197,6 +210,68 @@ def _no_weights(fn: str, weights: Any, backing: str) -> None:
         )
 
 
+def _values_seen(t: torch.Tensor) -> str:
+    values = torch.unique(t.detach().cpu()).tolist()
+    shown = values if len(values) <= 8 else [*values[:5], "...", *values[-2:]]
+    return "[" + ", ".join(str(v) for v in shown) + "]"
+
+
+def _integer_dtype(fn: str, arg: str, t: torch.Tensor, expected: str, allow_bool: bool) -> None:
+    if t.is_floating_point() or t.is_complex() or (t.dtype == torch.bool and not allow_bool):
+        fix = "threshold them first, e.g. labels > 0.5" if allow_bool else "pass integer class ids, e.g. labels.long()"
+        raise ValueError(f"{fn}: argument '{arg}' must hold {expected}, got dtype {t.dtype} ({fix})")
+
+
+class _ValueCheck:
+    """Checks that a tensor argument's values lie in ``[low, high)``; names the argument and the values seen.
+
+    CPU tensors are checked at once. For other devices the smallest and
+    largest values are kept on the device and :meth:`verify` (called by
+    ``compute``) reads them once, so ``update`` never waits for the device.
+    """
+
+    def __init__(self, fn: str, arg: str, expected: str) -> None:
+        self.fn, self.arg, self.expected = fn, arg, expected
+        self.reset()
+
+    def reset(self) -> None:
+        self._lo: torch.Tensor | None = None
+        self._hi: torch.Tensor | None = None
+        self._low = 0
+        self._high: int | None = None
+
+    def _error(self, seen: str, high: int) -> ValueError:
+        return ValueError(f"{self.fn}: argument '{self.arg}' must hold {self.expected.format(high=high)}, "
+                          f"got values {seen}")
+
+    def __call__(self, t: torch.Tensor, low: int, high: int) -> None:
+        if t.numel() == 0 or t.dtype == torch.bool:
+            return
+        lo, hi = torch.aminmax(t.detach())
+        if t.device.type == "cpu":
+            if int(lo) < low or int(hi) >= high:
+                raise self._error(_values_seen(t), high)
+            return
+        self._lo = lo if self._lo is None else torch.minimum(self._lo, lo)
+        self._hi = hi if self._hi is None else torch.maximum(self._hi, hi)
+        self._low, self._high = low, high if self._high is None else min(self._high, high)
+
+    def verify(self) -> None:
+        if self._lo is None or self._hi is None or self._high is None:
+            return
+        lo, hi, low, high = int(self._lo), int(self._hi), self._low, self._high
+        self.reset()
+        if lo < low or hi >= high:
+            raise self._error(f"from {lo} to {hi} (in some batch since the last reset)", high)
+
+
+def _binary(fn: str, arg: str, t: torch.Tensor, check: _ValueCheck) -> torch.Tensor:
+    """``t`` as 0/1 longs, after checking that it holds booleans or the integers 0 and 1."""
+    _integer_dtype(fn, arg, t, "booleans or the integers 0 and 1", allow_bool=True)
+    check(t, 0, 2)
+    return t.bool().long() if t.dtype == torch.bool else t.long()
+
+
 def _positive_int(fn: str, arg: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{fn}: argument '{arg}' must be an int >= 1, got {value!r}")
@@ -220,6 +295,8 @@ class _Mean(torchmetrics.Metric):
     """
 
     full_state_update = False
+    total: torch.Tensor
+    count: torch.Tensor
 
     def __init__(self, elementwise: bool = False) -> None:
         super().__init__()
@@ -456,9 +533,13 @@ def streaming_recall_at_k(
             )
         if k > p.shape[1]:
             raise ValueError(f"{fn}: argument 'k' ({k}) exceeds the number of classes ({p.shape[1]})")
+        _integer_dtype(fn, "labels", l, "integer class ids", allow_bool=False)
+        label_range(l, 0, p.shape[1])
         return _weighted(fn, (p.topk(k, dim=1).indices == l.unsqueeze(1)).any(1).float(), weights)
 
-    return _mean_metric(_name(fn, name, f"recall_at_{k}"), update, None, metrics_collections, updates_collections)
+    label_range = _ValueCheck(fn, "labels", "class ids in [0, {high}) (the number of classes of 'predictions')")
+    return StreamingMetric(_name(fn, name, f"recall_at_{k}"), _Mean(), update, None, metrics_collections,
+                           updates_collections, checks=[label_range])
 
 
 # ---------------------------------------------------------- elementwise means
@@ -577,9 +658,11 @@ def _binary_metric(fn: str, default: str, metric: torchmetrics.Metric, metrics_c
         _no_weights(fn, weights, type(metric).__name__)
         p, l = _tensor(fn, "predictions", predictions), _tensor(fn, "labels", labels)
         _same_shape(fn, p, l)
-        return p.bool().long(), l.bool().long()
+        return _binary(fn, "predictions", p, checks[0]), _binary(fn, "labels", l, checks[1])
 
-    return StreamingMetric(_name(fn, name, default), metric, prepare, None, metrics_collections, updates_collections)
+    checks = [_ValueCheck(fn, arg, "booleans or the integers 0 and 1") for arg in ("predictions", "labels")]
+    return StreamingMetric(_name(fn, name, default), metric, prepare, None, metrics_collections, updates_collections,
+                           checks=checks)
 
 
 def streaming_precision(
@@ -649,9 +732,11 @@ def streaming_auc(
         _no_weights(fn, weights, type(metric).__name__)
         p, l = _tensor(fn, "predictions", predictions), _tensor(fn, "labels", labels)
         _same_shape(fn, p, l)
-        return p.float(), l.bool().long()
+        return p.float(), _binary(fn, "labels", l, label_range)
 
-    return StreamingMetric(_name(fn, name, "auc"), metric, prepare, None, metrics_collections, updates_collections)
+    label_range = _ValueCheck(fn, "labels", "booleans or the integers 0 and 1")
+    return StreamingMetric(_name(fn, name, "auc"), metric, prepare, None, metrics_collections, updates_collections,
+                           checks=[label_range])
 
 
 def streaming_mean_iou(
@@ -674,9 +759,14 @@ def streaming_mean_iou(
         _no_weights(fn, weights, "MulticlassJaccardIndex")
         p, l = _tensor(fn, "predictions", predictions), _tensor(fn, "labels", labels)
         _same_shape(fn, p, l)
+        for (arg, t), check in zip((("predictions", p), ("labels", l)), checks):
+            _integer_dtype(fn, arg, t, "integer class ids", allow_bool=False)
+            check(t, 0, num_classes)
         return p.reshape(-1).long(), l.reshape(-1).long()
 
-    return StreamingMetric(_name(fn, name, "mean_iou"), metric, prepare, None, metrics_collections, updates_collections)
+    checks = [_ValueCheck(fn, arg, "class ids in [0, {high}) (num_classes)") for arg in ("predictions", "labels")]
+    return StreamingMetric(_name(fn, name, "mean_iou"), metric, prepare, None, metrics_collections, updates_collections,
+                           checks=checks)
 
 
 def streaming_pearson_correlation(
@@ -708,6 +798,8 @@ class _Ratio(torchmetrics.Metric):
     """``hits / (hits + misses)`` of summed counts; 0 when both are 0."""
 
     full_state_update = False
+    hits: torch.Tensor
+    misses: torch.Tensor
 
     def __init__(self) -> None:
         super().__init__()
@@ -740,6 +832,7 @@ def _sparse_at_k(fn: str, default: str, k: int, class_id: int | None, precision:
             )
         if k > p.shape[1]:
             raise ValueError(f"{fn}: argument 'k' ({k}) exceeds the number of classes ({p.shape[1]})")
+        _integer_dtype(fn, "labels", l, "integer class ids (-1 for padding)", allow_bool=False)
         top = p.topk(k, dim=1).indices                                 # [batch, k]
         valid = (l >= 0) & (l < p.shape[1])                             # -1 pads rows of unequal length
         if class_id is not None:
