@@ -13,17 +13,17 @@ Order of events in :meth:`SummaryWriter.write`:
     writer thread:    wait for GPU copies, histograms (torch ops), PNGs (zlib),
                       one Event proto per step, TFRecord framing with CRC-32C, file
 
-Design, measured (``benchmarks/summaries_overhead.py``'s MLP, histograms of
-its 4 parameters and 4 scalars every 10 steps, 2 shared and loaded cores,
-medians of 9 interleaved rounds against the same loop without summaries):
+Design, measured: the MLP of ``benchmarks/summaries_overhead.py``, a hand
+loop writing histograms of its 4 parameters and 2 scalars every 10 steps, 1
+torch thread, medians (ranges) of 9 interleaved rounds against the same loop
+without summaries, on 2 cores shared with six other jobs (load 9-16):
 
-    helper process (previous design, C CRC-32C, started before timing):
-        1 torch thread 0.86x (0.38-1.06), 2 threads 0.77x (0.49-0.98);
-        start-up 2.0 s, about 60 MB more memory, a reader thread, and a
-        process that can be stopped or killed on its own
-    writer thread, histograms in torch ops that release the GIL:
-        1 torch thread 0.93x (0.62-1.12), 2 threads 0.96x (0.56-1.20);
-        no start-up, nothing to outlive training
+    helper process (the previous design, with the C CRC, started before
+        timing, no torch import): 0.924x (0.346-1.072); start-up 2.0-2.6 s,
+        about 60 MB more memory, a reader thread, and a process that can be
+        stopped or killed on its own
+    writer thread, histograms in torch ops (which release the GIL):
+        0.988x (0.607-1.636); no start-up, nothing left to outlive training
 
 so the writer is a thread. Every wait on it is bounded by ``timeout`` seconds
 (default :data:`DEFAULT_TIMEOUT`): a write that finds the queue full, a
@@ -410,6 +410,7 @@ class SummaryWriter:
         self._error: BaseException | None = None
         self._stalled: str | None = None
         self._closed = False
+        self._abandoned = False  # close() could not queue its end marker: the thread ends when it drains
         # add_scalar values not yet handed over: (step, walltime, snapshot or values), sent with the next write.
         self._pending: list[tuple[int, float, Any]] = []
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_pending)
@@ -437,6 +438,9 @@ class SummaryWriter:
                 self._error = self._error or e
                 if isinstance(item, threading.Event):
                     item.set()
+            if self._abandoned and self._queue.empty():  # close() gave up on it: end once unstuck
+                self._file.close()
+                return
 
     def _process(self, item: Any) -> None:
         if callable(item):  # the idle flush
@@ -630,7 +634,7 @@ class SummaryWriter:
                 try:
                     self._queue.put(_CLOSE, timeout=max(0.0, deadline - time.monotonic()))
                 except queue.Full:
-                    pass
+                    self._abandoned = True
                 thread.join(max(0.0, deadline - time.monotonic()))
                 if thread.is_alive() and self._stalled is None:
                     self._stall("end")
