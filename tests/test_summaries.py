@@ -3,9 +3,11 @@ from __future__ import annotations
 
 import glob
 import io
+import itertools
 import json
 import logging
 import os
+import re
 import threading
 
 import numpy as np
@@ -452,8 +454,6 @@ def test_trace_step_writes_where_tensorboards_profiler_plugin_reads(tmp_path):
     profile_dir = os.path.join(logdir, "plugins", "profile")
     assert os.listdir(profile_dir) == [os.path.basename(path)]  # nothing half-written left beside it
     # torch.profiler.tensorboard_trace_handler's naming, which the plugin parses as worker and span
-    from torch.profiler import tensorboard_trace_handler  # noqa: F401 - the layout we follow
-    import re
     worker_pattern = re.compile(r"^(.*?)(\.\d+)?\.pt\.trace\.json(?:\.gz)?$")  # torch_tb_profiler.consts.WORKER_PATTERN
     match = worker_pattern.match(os.path.basename(path))
     assert match and match.group(2) == ".000000000120" and match.group(1).endswith(f"_{os.getpid()}")
@@ -727,7 +727,7 @@ def test_histogram_buckets_follow_tensorflows_definition(tmp_path):
     # Between the lowest and highest bucket, each run of empty buckets is kept as its last one only.
     kept = list(hv.bucket_limit)
     assert kept == sorted(kept) and set(expected) <= set(kept)
-    for left, right in zip(kept, kept[1:]):
+    for left, right in itertools.pairwise(kept):
         skipped = [x for x in limits if left < x < right]
         assert all(x not in expected for x in skipped)
     assert (hv.num, hv.min, hv.max, hv.sum) == (11, -2.0, 5e7, pytest.approx(values.sum().item()))
