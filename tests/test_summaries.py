@@ -15,7 +15,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from torchslim import collections, summaries, summary_writer
+from torchslim import collections, event_file, summaries, summary_writer
 from torchslim.collections import GraphKeys
 
 
@@ -666,7 +666,7 @@ def test_event_checksums_match_tensorboards_own():
     rng = np.random.default_rng(0)
     for n in (0, 1, 7, 12, 255, 256, 257, 1000, 4096, 10001):
         data = rng.integers(0, 256, n, dtype=np.uint8).tobytes()
-        assert summary_writer._masked_crc32c(data) == masked_crc32c(data), n
+        assert event_file._masked_crc32c(data) == masked_crc32c(data), n
 
 
 def test_event_file_is_what_tensorboards_reader_checks(tmp_path):

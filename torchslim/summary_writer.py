@@ -29,41 +29,35 @@ so the writer is a thread. Every wait on it is bounded by ``timeout`` seconds
 (default :data:`DEFAULT_TIMEOUT`): a write that finds the queue full, a
 flush, and close. A writer thread stuck that long (a hung file system, a log
 handler that never returns) becomes :class:`SummaryWriterError`, and
-:meth:`SummaryWriter.close` returns within ``2 * timeout``. Event files are
-written by this module with TensorBoard's protos and the ``crc32c`` C package
+:meth:`SummaryWriter.close` returns within ``timeout``. Event files are
+written by :mod:`torchslim.event_file` with TensorBoard's protos and the ``crc32c`` C package
 (0.6 us a record, where TensorBoard's pure-Python CRC takes about 1 ms for
 6 KB); TensorBoard's reader checks those checksums.
 """
 from __future__ import annotations
 
-import bisect
 import dataclasses
 import itertools
 import logging
 import os
 import queue
-import socket
-import struct
 import threading
 import time
-import zlib
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-import crc32c
 import numpy as np
 import torch
 
 from torchslim.collections import GraphKeys, get_collection
+from torchslim.event_file import BUCKET_LIMITS, FLUSH_SECS, MAX_IMAGE_OUTPUTS, EventFile, print_value
 
-__all__ = ["DEFAULT_TIMEOUT", "SummaryRecord", "SummaryWriter", "SummaryWriterError", "read_values"]
+__all__ = ["BUCKET_LIMITS", "DEFAULT_TIMEOUT", "MAX_IMAGE_OUTPUTS", "SummaryRecord", "SummaryWriter", "SummaryWriterError", "read_values"]
 
 logger = logging.getLogger("torchslim")
 
 DEFAULT_TIMEOUT = 60.0  # seconds any call waits for the writer thread before raising SummaryWriterError
-MAX_IMAGE_OUTPUTS = 3  # TF's summary.image default, which TF-Slim keeps
 THREAD_NAME = "torchslim-summary-writer"  # tests/conftest.py finds leftover torchslim threads by this prefix
-_FLUSH_SECS = 30.0  # events reach the OS at least this often
 _PENDING_SECS = 2.0  # add_scalar values wait at most this long for a write() to travel with
 
 
@@ -199,158 +193,6 @@ def read_values(records: Sequence[SummaryRecord]) -> list[tuple[str, str, Any]]:
     return [(t, k, v.to(torch.float64).numpy() if k == "histogram" else v) for t, k, v in values]
 
 
-# ------------------------------------------------------------------ encoding
-def _tf_bucket_limits() -> list[float]:
-    """TensorFlow's histogram bucket limits (histogram.cc): +-1e-12 * 1.1**k below 1e20, 0, +-DBL_MAX.
-
-    The inner ones are ``torch.utils.tensorboard.SummaryWriter().default_bins``
-    (tests check it); TF adds the two outer limits so that no value is dropped."""
-    v, pos = 1e-12, []
-    while v < 1e20:
-        pos.append(v)
-        v *= 1.1
-    big = float(np.finfo(np.float64).max)
-    return [-big] + [-x for x in reversed(pos)] + [0.0] + pos + [big]
-
-
-BUCKET_LIMITS = _tf_bucket_limits()
-_LIMITS_TENSOR = torch.tensor(BUCKET_LIMITS, dtype=torch.float64)
-
-
-def _histogram_proto(tag: str, values: torch.Tensor) -> Any:
-    """A HistogramProto as TensorFlow encodes one: a value v falls in the bucket
-    whose right limit is the first limit > v; runs of empty buckets inside the
-    range collapse into their last one. Torch ops, which release the GIL."""
-    from tensorboard.compat.proto.summary_pb2 import HistogramProto
-
-    v = values.reshape(-1).to(torch.float64)
-    lo_t, hi_t = torch.aminmax(v)
-    lo, hi, total, squares = torch.stack([lo_t, hi_t, v.sum(), torch.dot(v, v)]).tolist()
-    if not (abs(lo) <= BUCKET_LIMITS[-1] and abs(hi) <= BUCKET_LIMITS[-1]):
-        raise ValueError(f"histogram summary {tag!r}: the tensor holds NaN or infinite values")
-    last = len(BUCKET_LIMITS) - 1
-    first = bisect.bisect_right(BUCKET_LIMITS, lo)
-    top = min(bisect.bisect_right(BUCKET_LIMITS, hi), last)
-    index = torch.bucketize(v, _LIMITS_TENSOR, right=True).clamp_(max=last).sub_(first)
-    counts = torch.bincount(index, minlength=top - first + 1)
-    nonzero = counts > 0
-    keep = nonzero.clone()
-    keep[:-1] |= nonzero[1:]  # of a run of empty buckets, the last one
-    return HistogramProto(
-        min=lo,
-        max=hi,
-        num=v.numel(),
-        sum=total,
-        sum_squares=squares,
-        bucket_limit=_LIMITS_TENSOR[first : top + 1][keep].tolist(),
-        bucket=counts[keep].tolist(),
-    )
-
-
-def _png(image: np.ndarray) -> bytes:
-    """Encodes one uint8 HxWxC (C in 1, 3, 4) image as PNG (no PIL needed)."""
-    height, width, channels = image.shape
-    color_type = {1: 0, 3: 2, 4: 6}[channels]
-    raw = np.zeros((height, 1 + width * channels), dtype=np.uint8)  # filter byte 0 on each row
-    raw[:, 1:] = image.reshape(height, width * channels)
-
-    def chunk(kind: bytes, data: bytes) -> bytes:
-        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
-
-    header = struct.pack(">IIBBBBB", width, height, 8, color_type, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw.tobytes(), 6)) + chunk(b"IEND", b"")
-
-
-def _image_tags(tag: str, n: int) -> list[str]:
-    # TF's image summary: 'tag/image' when max_outputs is 1, else 'tag/image/<i>'.
-    if MAX_IMAGE_OUTPUTS == 1:
-        return [tag + "/image"]
-    return [f"{tag}/image/{i}" for i in range(n)]
-
-
-def _summary_values(tag: str, kind: str, value: Any) -> list[Any]:
-    """The Summary.Value protos for one finalized value."""
-    from tensorboard.compat.proto.summary_pb2 import Summary
-
-    if kind == "scalar":
-        return [Summary.Value(tag=tag, simple_value=value)]
-    if kind == "histogram":
-        return [Summary.Value(tag=tag, histo=_histogram_proto(tag, value))]
-    out = []
-    for image_tag, image in zip(_image_tags(tag, len(value)), value):
-        h, w, c = image.shape
-        img = Summary.Image(height=h, width=w, colorspace=c, encoded_image_string=_png(image))
-        out.append(Summary.Value(tag=image_tag, image=img))
-    return out
-
-
-def _print_value(tag: str, kind: str, value: Any) -> None:
-    if kind == "image":
-        logger.info("%s: uint8 images of shape %s, min %d, max %d", tag, list(value.shape), value.min(), value.max())
-    elif kind == "histogram":
-        logger.info("%s: %s", tag, value.tolist())
-    else:
-        logger.info("%s: %s", tag, value)
-
-
-def _masked_crc32c(data: bytes) -> int:
-    """TFRecord's masked CRC-32C, with the ``crc32c`` C package."""
-    x = crc32c.crc32c(data)
-    return (((x >> 15) | (x << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _tf_record(data: bytes) -> bytes:
-    """One TFRecord: length, its masked CRC, the data, its masked CRC (TensorBoard's RecordWriter format)."""
-    header = struct.pack("<Q", len(data))
-    return header + struct.pack("<I", _masked_crc32c(header)) + data + struct.pack("<I", _masked_crc32c(data))
-
-
-_file_ids = itertools.count(1)
-_Batch = list  # [(step, walltime, [(tag, kind, finalized value), ...]), ...]
-
-
-class _EventFile:
-    """One TensorBoard event file, named and framed as TensorBoard's EventFileWriter does."""
-
-    def __init__(self, logdir: str, purge_step: int | None) -> None:
-        from tensorboard.compat.proto.event_pb2 import Event, SessionLog
-
-        now = time.time()
-        name = f"events.out.tfevents.{int(now):010d}.{socket.gethostname()}.{os.getpid()}.{next(_file_ids)}"
-        self.path = os.path.join(logdir, name)
-        self._file = open(self.path, "ab")  # noqa: SIM115 - closed by close()
-        self._last_flush = time.monotonic()
-        self._append(Event(wall_time=now, file_version="brain.Event:2"))
-        if purge_step is not None:  # TensorBoard drops the events of steps >= purge_step written before
-            self._append(Event(wall_time=now, step=purge_step, session_log=SessionLog(status=SessionLog.START)))
-        self.flush()
-
-    def _append(self, event: Any) -> None:
-        self._file.write(_tf_record(event.SerializeToString()))
-
-    def write(self, batch: _Batch) -> None:
-        from tensorboard.compat.proto.event_pb2 import Event
-        from tensorboard.compat.proto.summary_pb2 import Summary
-
-        by_step: dict[int, tuple[float, list[Any]]] = {}
-        for step, walltime, values in batch:
-            out = by_step.setdefault(step, (walltime, []))[1]
-            for tag, kind, value in values:
-                out.extend(_summary_values(tag, kind, value))
-        for step, (walltime, out) in by_step.items():
-            if out:
-                self._append(Event(wall_time=walltime, step=step, summary=Summary(value=out)))
-        if time.monotonic() - self._last_flush > _FLUSH_SECS:
-            self.flush()
-
-    def flush(self) -> None:
-        self._file.flush()
-        self._last_flush = time.monotonic()
-
-    def close(self) -> None:
-        self._file.close()
-
-
 # ------------------------------------------------------------------ the writer
 _CLOSE = object()
 _writer_ids = itertools.count(1)
@@ -405,7 +247,7 @@ class SummaryWriter:
         self.logdir = os.fspath(logdir)
         self.asynchronous = bool(asynchronous)
         os.makedirs(self.logdir, exist_ok=True)  # a bad path fails here, on the caller's thread
-        self._file = _EventFile(self.logdir, purge_step)
+        self._file = EventFile(self.logdir, purge_step)
         self._lock = threading.Lock()
         self._error: BaseException | None = None
         self._stalled: str | None = None
@@ -423,7 +265,7 @@ class SummaryWriter:
     def _run(self) -> None:
         while True:
             try:
-                item = self._queue.get(timeout=_FLUSH_SECS)
+                item = self._queue.get(timeout=FLUSH_SECS)
             except queue.Empty:  # idle: what was written reaches the OS
                 item = self._file.flush
             try:
@@ -452,7 +294,7 @@ class SummaryWriter:
             finally:
                 item.set()
             return
-        batch: _Batch = []
+        batch: list[tuple[int, float, Any]] = []
         prints: list[tuple[str, str, Any]] = []
         for step, walltime, payload in item:
             if isinstance(payload, _Snapshot):
@@ -464,7 +306,7 @@ class SummaryWriter:
             batch.append((step, walltime, values))
         self._file.write(batch)
         for tag, kind, value in prints:
-            _print_value(tag, kind, value)
+            print_value(tag, kind, value)
 
     # -- the caller's side
     def _raise_pending(self) -> None:
