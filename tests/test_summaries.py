@@ -743,6 +743,9 @@ class _HungHandler(logging.Handler):
         self.entered = threading.Event()
         self.unblock = threading.Event()
 
+    def createLock(self):  # no handler lock: the stuck writer thread would hold it against the training thread
+        self.lock = None
+
     def emit(self, record):
         if threading.current_thread().name.startswith("torchslim-summary-writer"):  # the training thread logs too
             self.entered.set()
