@@ -1007,6 +1007,8 @@ def test_trace_every_n_steps_writes_chrome_traces(tmp_path):
     _, op = logistic_train_op()
     slim.learning.train(op, str(tmp_path), number_of_steps=4, trace_every_n_steps=2, log_every_n_steps=0,
                         **NO_SUMMARIES)
+    # TF-Slim's steps: those starting at global step 0 and 2 (of 4), named by that step
+    assert os.path.isfile(slim.summaries.trace_file(str(tmp_path), 0))
     assert os.path.isfile(slim.summaries.trace_file(str(tmp_path), 2))
-    assert os.path.isfile(slim.summaries.trace_file(str(tmp_path), 4))
     assert not os.path.exists(slim.summaries.trace_file(str(tmp_path), 1))
+    assert not os.path.exists(slim.summaries.trace_file(str(tmp_path), 4))

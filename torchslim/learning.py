@@ -602,10 +602,11 @@ def train_step(train_op: TrainOp, batch: Any, global_step: GlobalStep | None, tr
     """
     start = time.time()
     trace_every = train_step_kwargs.get("trace_every_n_steps")
-    if trace_every and (train_op.step + 1) % trace_every == 0 and train_step_kwargs.get("logdir"):
+    # TF-Slim traces the steps that start at global step 0, N, 2N, ...; the trace is named by that step.
+    if trace_every and train_op.step % trace_every == 0 and train_step_kwargs.get("logdir"):
         from torchslim import summaries
 
-        with summaries.trace_step(train_step_kwargs["logdir"], train_op.step + 1):
+        with summaries.trace_step(train_step_kwargs["logdir"], train_op.step):
             total_loss = train_op(batch)
     else:
         total_loss = train_op(batch)
