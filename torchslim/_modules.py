@@ -77,6 +77,7 @@ def modules_of(*callables: Any) -> dict[str, torch.nn.Module]:
         >>> net = torch.nn.Linear(2, 1)
         >>> def loss(batch):
         ...     return net(batch).sum()
+        >>> loss.__module__ = 'my_script'   # a user's function: torchslim's own code is not searched
         >>> list(modules_of(loss))
         ['net']
     """
