@@ -129,8 +129,8 @@ def _width(stream: IO[str]) -> int:
         return 0
 
 
-_BAR_FORMAT = "{desc} {n_fmt}/{total_fmt} |{bar}| {rate_fmt}{postfix} ETA {remaining}"
-_COUNT_FORMAT = "{desc} {n_fmt} {unit}s [{elapsed}, {rate_fmt}{postfix}]"
+_BAR_FORMAT = "{desc} {n_fmt}/{total_fmt} |{bar}| {rate_noinv_fmt}{postfix} ETA {remaining}"
+_COUNT_FORMAT = "{desc} {n_fmt}{unit}s [{elapsed}, {rate_noinv_fmt}{postfix}]"
 
 
 class Progress:
@@ -181,7 +181,7 @@ class Progress:
         sized = _width(file) > 0
         self.bar = tqdm(
             total=self.total, initial=n, desc=self.desc, unit=self.unit, file=file, leave=self.leave,
-            dynamic_ncols=sized, ncols=None if sized else 80, nrows=None if sized else 24, mininterval=0, miniters=1,
+            dynamic_ncols=sized, ncols=None if sized else 80, nrows=None if sized else 24, mininterval=0, miniters=1, smoothing=0.1,
             bar_format=_BAR_FORMAT if self.total is not None else _COUNT_FORMAT,
         )
         self._next = self.clock() + REDRAW_SECS
