@@ -115,13 +115,16 @@ def main(argv: Sequence[str] | None = None) -> int:
         try:
             namespace, rest = parser.parse_known_args(args)
         except SystemExit as exit_:  # --help, --version, or an argument error already printed
+            sys.stdout.flush()
             return 0 if exit_.code is None else int(exit_.code)
         if namespace.command is None:
             parser.error(f"unrecognized arguments: {' '.join(rest)}; give a COMMAND first")
         command = f"torchslim {namespace.command}"
         module_name, func_name, _ = COMMANDS[namespace.command]
         func = getattr(importlib.import_module(module_name), func_name)
-        return int(func(rest) or 0)
+        status = int(func(rest) or 0)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at the interpreter's exit
+        return status
     except SystemExit as exit_:
         code = exit_.code
         return 0 if code is None else code if isinstance(code, int) else 1
