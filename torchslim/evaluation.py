@@ -524,9 +524,9 @@ class _Evaluation:
 
     def _batches(self) -> Iterator[tuple[Any, ...]]:
         if self.data is None:
-            return self._shown(itertools.repeat((), self.num_evals))
+            return itertools.repeat((), self.num_evals)
         batches = zip(self.data)  # 1-tuples, made in C
-        return self._shown(batches if self.num_evals is None else itertools.islice(batches, self.num_evals))
+        return batches if self.num_evals is None else itertools.islice(batches, self.num_evals)
 
     def _shown(self, batches: Iterator[tuple[Any, ...]]) -> Iterator[tuple[Any, ...]]:
         """The batches, with a progress bar or an 'Evaluation [k/N]' line every tenth (see torchslim.progress)."""
@@ -548,13 +548,13 @@ class _Evaluation:
         step_scope = _collections.step_scope
         if not (before or after):  # no per-batch hook: nothing but the op and its step scope
             n = 0
-            for batch in self._batches():
+            for batch in self._shown(self._batches()):
                 with step_scope() as last_step:
                     eval_fn(*batch)
                 n += 1
             ctx.evals_completed = n
         else:
-            for batch in self._batches():
+            for batch in self._shown(self._batches()):
                 with step_scope() as last_step:
                     ctx.batch = batch[0] if batch else None
                     for hook in before:
