@@ -181,7 +181,8 @@ class Progress:
         sized = _width(file) > 0
         self.bar = tqdm(
             total=self.total, initial=n, desc=self.desc, unit=self.unit, file=file, leave=self.leave,
-            dynamic_ncols=sized, ncols=None if sized else 80, nrows=None if sized else 24, mininterval=0, miniters=1, smoothing=0.1,
+            dynamic_ncols=sized, ncols=None if sized else 80, nrows=None if sized else 24,
+            mininterval=0, miniters=1, smoothing=0.1,  # torchslim decides when to redraw
             bar_format=_BAR_FORMAT if self.total is not None else _COUNT_FORMAT,
         )
         self._next = self.clock() + REDRAW_SECS
