@@ -84,10 +84,31 @@ def main() -> None:
 
         return _common.timed(loop)
 
+    def slim_defaults() -> float:
+        """train() with TF-Slim's defaults: a log line due every step (nobody prints it: the logger is at
+        WARNING), summaries and checkpoints every 600 s, check_numerics=True, progress='auto'."""
+        torch.manual_seed(0)
+        slim.collections.reset()
+        model = make_model().to(device)
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+
+        def total_loss(batch):
+            x, y = batch
+            return torch.nn.functional.cross_entropy(model(x), y)
+
+        train_op = slim.learning.create_train_op(total_loss, opt)
+        logdir = tempfile.mkdtemp(dir=tmp)
+
+        def loop() -> None:
+            slim.learning.train(train_op, logdir, data=slim.data.repeat(data), number_of_steps=args.steps)
+            sync()
+
+        return _common.timed(loop)
+
     tmp = tempfile.mkdtemp()
     try:
-        raw(), slim_train()  # warm-up
-        medians = _common.interleaved({"raw": raw, "slim": slim_train}, args.rounds)
+        raw(), slim_train(), slim_defaults()  # warm-up
+        medians = _common.interleaved({"raw": raw, "slim": slim_train, "defaults": slim_defaults}, args.rounds)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     raw_sps, slim_sps = args.steps / medians["raw"], args.steps / medians["slim"]
@@ -96,6 +117,8 @@ def main() -> None:
     print(f"raw PyTorch loop : {raw_sps:9.1f} steps/sec")
     print(f"slim.learning    : {slim_sps:9.1f} steps/sec")
     print(f"ratio slim/raw   : {slim_sps / raw_sps:.3f}")
+    defaults_sps = args.steps / medians["defaults"]
+    print(f"train() with TF-Slim defaults: {defaults_sps:9.1f} steps/sec, ratio/raw {defaults_sps / raw_sps:.3f}")
 
 
 if __name__ == "__main__":

@@ -38,25 +38,80 @@ def test_console_script_entry_point_resolves_to_cli_main():
     assert entry([]) == 2
 
 
-def test_help_lists_every_command(subprocess_env):
+def test_help_lists_every_command_with_one_line(subprocess_env):
     result = _torchslim(subprocess_env, "--help")
     assert result.returncode == 0, result.stderr
-    for name in ("demo", "eval", "inspect", "analyze"):
-        assert re.search(rf"^  {name} ", result.stdout, re.M), result.stdout
+    assert result.stdout.startswith("usage: torchslim [-h] [--version] COMMAND ...")
+    for name, (_, _, help_) in cli.COMMANDS.items():
+        assert re.search(rf"^ +{name} +{re.escape(help_)}$", result.stdout, re.M), result.stdout
+
+
+def test_version(subprocess_env):
+    from importlib import metadata
+
+    import torchslim
+
+    result = _torchslim(subprocess_env, "--version")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().startswith(f"torchslim {torchslim.__version__} (torch {metadata.version('torch')}")
 
 
 @pytest.mark.parametrize("command", ["demo", "eval", "inspect", "analyze"])
 def test_each_subcommand_help_exits_0(capsys, command):
-    # in-process (the subprocess path is covered above and below): argparse exits 0 after the help
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main([command, "--help"])
-    assert exit_info.value.code == 0
+    # in-process (the subprocess path is covered above and below): main returns argparse's status
+    assert cli.main([command, "--help"]) == 0
     assert capsys.readouterr().out.startswith(f"usage: torchslim {command}")
 
 
-def test_unknown_command_exits_2(capsys):
+def test_unknown_command_exits_2_with_one_line(capsys):
     assert cli.main(["trian"]) == 2
-    assert "unknown command 'trian'" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "torchslim: error: argument COMMAND: invalid choice: 'trian'" in err
+    assert cli.main(["--bogus"]) == 2
+    assert capsys.readouterr().err.startswith("torchslim: error: unrecognized arguments: --bogus")
+    assert cli.main([]) == 2                               # no command: the help, on stderr
+    assert "demo" in capsys.readouterr().err
+
+
+def _one_line_error(result, status, *fragments):
+    assert result.returncode == status, (result.returncode, result.stderr)
+    lines = result.stderr.splitlines()
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+
+def test_errors_are_one_line_never_a_traceback(tmp_path, subprocess_env):
+    # bad arguments: 2
+    _one_line_error(_torchslim(subprocess_env, "demo", "--logdir", str(tmp_path), "--steps", "x"), 2,
+                    "torchslim demo: error: argument --steps: expected an integer >= 1, got 'x'")
+    _one_line_error(_torchslim(subprocess_env, "analyze", "torch.nn:Linear"), 2,
+                    "torchslim analyze: error:", "needs in_features, out_features")
+    # failures: 1 (a logdir below a plain file cannot be made; nothing at the path to evaluate)
+    a_file = tmp_path / "file"
+    a_file.write_text("")
+    _one_line_error(_torchslim(subprocess_env, "demo", "--logdir", str(a_file / "run"), "--steps", "2"), 1,
+                    "torchslim demo: error:", str(a_file))
+    _one_line_error(_torchslim(subprocess_env, "eval", str(tmp_path / "none"), "--once"), 1,
+                    "torchslim eval: error: no checkpoint in")
+
+
+@pytest.mark.parametrize("args, buffered", [
+    (["--help"], True),                                                     # fails at the final flush
+    (["analyze", "torchslim.demo:DigitsNet", "--device", "meta"], False),   # fails in the first print
+])
+def test_a_closed_pipe_ends_quietly(subprocess_env, args, buffered):
+    env = dict(subprocess_env)
+    env.pop("PYTHONUNBUFFERED", None) if buffered else env.update(PYTHONUNBUFFERED="1")
+    read_end, write_end = os.pipe()
+    os.close(read_end)                                     # the reader is gone before the first write
+    try:
+        proc = subprocess.run([sys.executable, "-m", "torchslim", *args], stdout=write_end,
+                              stderr=subprocess.PIPE, text=True, env=env, timeout=120)
+    finally:
+        os.close(write_end)
+    assert proc.stderr == "", proc.stderr                   # no traceback, no "Exception ignored"
+    assert proc.returncode == 1
 
 
 # ------------------------------------------------------------------ inspect
@@ -131,7 +186,7 @@ def test_eval_loop_evaluates_every_checkpoint_in_order(demo_run, tmp_path, subpr
     events = EventAccumulator(str(eval_dir))
     events.Reload()
     assert [e.step for e in events.Scalars("accuracy")] == [10, 20]
-    assert [e.step for e in events.Scalars("cross_entropy")] == [10, 20]
+    assert [e.step for e in events.Scalars("losses/cross_entropy")] == [10, 20]
 
     limited = _torchslim(subprocess_env, "eval", str(demo_run), "--logdir", str(tmp_path / "eval2"),
                          "--eval-interval-secs", "0", "--max-evaluations", "1", "--quiet")
@@ -148,9 +203,7 @@ def test_eval_without_checkpoints_exits_1(tmp_path, capsys):
 
 
 def test_eval_rejects_bad_arguments(tmp_path, capsys):
-    with pytest.raises(SystemExit) as exit_info:
-        cli.main(["eval", str(tmp_path), "--max-evaluations", "0"])
-    assert exit_info.value.code == 2
+    assert cli.main(["eval", str(tmp_path), "--max-evaluations", "0"]) == 2
     assert "--max-evaluations: expected an integer >= 1, got 0" in capsys.readouterr().err
     a_file = tmp_path / "f"
     a_file.write_text("")

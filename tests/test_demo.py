@@ -108,7 +108,7 @@ def test_total_loss_records_the_step_summaries_and_includes_regularization():
         plain = loss_fn((images[:32], labels[:32]))
         tags = [r.tag for r in get_collection(GraphKeys.SUMMARIES)]
     assert tags == [
-        "losses/cross_entropy", "losses/regularization",
+        "losses/cross_entropy", "losses/regularization", "accuracy",
         "sparsity/conv1/Fraction_of_Zero_Values", "sparsity/conv2/Fraction_of_Zero_Values",
         "sparsity/fc1/Fraction_of_Zero_Values", "inputs",
     ]
@@ -157,7 +157,8 @@ def test_make_eval_accumulates_accuracy_over_batches():
         expected = float((model(images).argmax(1) == labels).float().mean())
         expected_ce = float(torch.nn.functional.cross_entropy(model(images), labels))
     assert float(values["accuracy"]()) == pytest.approx(expected)
-    assert float(values["cross_entropy"]()) == pytest.approx(expected_ce, rel=1e-5)
+    assert float(values["losses/cross_entropy"]()) == pytest.approx(expected_ce, rel=1e-5)
+    assert sorted(values) == ["accuracy", "losses/cross_entropy"]     # the training summaries' tags
 
 
 # ------------------------------------------------------------------ prefetching with a position
@@ -243,11 +244,14 @@ def _demo(logdir, env, *args, timeout=120):
                           env=env, capture_output=True, text=True, timeout=timeout)
 
 
-def _accuracy(stdout):
+def _results(stdout):
     found = re.findall(r"global step (\d+): held-out accuracy = ([0-9.]+) \((\d+)/360 digits\)", stdout)
     assert found, stdout
-    step, accuracy, correct = found[-1]
-    return int(step), float(accuracy), int(correct)
+    return [(int(step), float(accuracy), int(correct)) for step, accuracy, correct in found]
+
+
+def _accuracy(stdout):
+    return _results(stdout)[-1]
 
 
 @pytest.mark.slow
@@ -265,12 +269,14 @@ def test_demo_end_to_end_then_resume(tmp_path, subprocess_env):
     assert "Total size of variables: 38282" in first.stdout      # the model analyzer's report
     assert "Total FLOPs: 675072" in first.stdout
     assert f"tensorboard --logdir {logdir}" in first.stdout
+    # every checkpoint of the run is evaluated, oldest first: a curve
+    assert [s for s, _, _ in _results(first.stdout)] == [40, 80, 100]
     assert [checkpoint.checkpoint_step(p) for p in checkpoint.list_checkpoints(str(logdir))] == [40, 80, 100]
 
     train = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "histograms": 0, "images": 0})
     train.Reload()
     tags = train.Tags()
-    for tag in ("losses/total_loss", "losses/cross_entropy", "losses/regularization", "learning_rate",
+    for tag in ("losses/total_loss", "losses/cross_entropy", "losses/regularization", "learning_rate", "accuracy",
                 "sparsity/conv1/Fraction_of_Zero_Values", "sparsity/fc1/Fraction_of_Zero_Values"):
         assert tag in tags["scalars"], (tag, tags["scalars"])
     assert {"conv1/weight", "fc1/weight", "bn1/beta", "logits/bias"} <= set(tags["histograms"])
@@ -283,7 +289,11 @@ def test_demo_end_to_end_then_resume(tmp_path, subprocess_env):
     assert all(e.value > 0 for e in train.Scalars("losses/regularization"))
     evaluation = EventAccumulator(str(logdir / "eval"))
     evaluation.Reload()
-    assert [(e.step, round(e.value, 4)) for e in evaluation.Scalars("accuracy")] == [(100, round(accuracy, 4))]
+    assert [e.step for e in evaluation.Scalars("accuracy")] == [40, 80, 100]
+    assert round(evaluation.Scalars("accuracy")[-1].value, 4) == round(accuracy, 4)
+    # the same tags as training's, so TensorBoard draws the held-out curve over the training one
+    assert [e.step for e in evaluation.Scalars("losses/cross_entropy")] == [40, 80, 100]
+    assert set(evaluation.Tags()["scalars"]) <= set(tags["scalars"])
 
     second = _demo(logdir, subprocess_env, "--steps", "150", "--save-summaries-steps", "10",
                    "--log-every-n-steps", "25", "--no-analyze")
@@ -291,7 +301,7 @@ def test_demo_end_to_end_then_resume(tmp_path, subprocess_env):
     assert f"Restored {logdir / 'model.ckpt-100.pt'} (global step 100)" in second.stderr
     assert "global step 125: loss = " in second.stderr and "global step 25: loss" not in second.stderr
     assert "Trained 50 steps" in second.stdout
-    assert _accuracy(second.stdout)[0] == 150
+    assert [s for s, _, _ in _results(second.stdout)] == [150]      # only what this run wrote
     assert checkpoint.checkpoint_step(checkpoint.latest_checkpoint(str(logdir))) == 150
     train = EventAccumulator(str(logdir), size_guidance={"scalars": 0})
     train.Reload()
@@ -308,7 +318,7 @@ def test_demo_end_to_end_then_resume(tmp_path, subprocess_env):
 def test_demo_progress_bar_when_asked(tmp_path, capsys):
     assert demo.main(["--logdir", str(tmp_path), "--steps", "20", "--progress", "bar", "--no-analyze"]) == 0
     err = capsys.readouterr().err
-    assert re.search(r"training: 100%\|.*\| 20/20", err), err
+    assert re.search(r"train 20/20 \|.*\| [0-9.]+ step/s, loss=[0-9.]+ ETA 00:00", err), err
     assert "global step 20: loss" not in err                      # the bar replaces the log lines
 
 

@@ -404,7 +404,31 @@ def test_cli_analyzes_resnet18_on_meta(subprocess_env, python_exe):
     flops = _flop_counter_total(model, x)
     assert f"Total FLOPs: {flops}" in lines
     assert f"Total size of ops outputs: {ma.analyze_ops(model, x)}" in lines
-    assert lines[-1].startswith(f"Forward pass: {flops / 1e9:.3f} GFLOPs = {flops / 2e9:.3f} GMACs")
+    assert lines[-1].startswith(f"Forward pass: {flops / 1e9:.2f} GFLOPs = {flops / 2e9:.2f} GMACs (multiply-adds)")
+
+
+def test_cli_analyzes_the_shipped_demo_network_with_units(capsys):
+    assert ma.main(["torchslim.demo:DigitsNet", "--input-shape", "1,1,8,8", "--ops"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "Total size of variables: 38282" in lines
+    # conv1 2*1*16*9*64 + conv2 2*16*32*9*64 + fc1 2*512*64 + logits 2*64*10 = 675,072 FLOPs, half as many MACs
+    assert "Total FLOPs: 675072" in lines
+    assert lines[-1].startswith("Forward pass: 675.07 kFLOPs = 337.54 kMACs (multiply-adds), ")
+
+
+def test_cli_refuses_a_class_it_cannot_build_saying_what_it_needs(capsys):
+    with pytest.raises(SystemExit) as info:
+        ma.main(["torch.nn:Linear"])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "torch.nn:Linear cannot be built without arguments: it needs in_features, out_features" in err
+    assert len(err.splitlines()) == 1
+
+
+@pytest.mark.parametrize("value, text", [(12, "12 FLOPs"), (675072, "675.07 kFLOPs"), (1.8e6, "1.80 MFLOPs"),
+                                         (3.6e9, "3.60 GFLOPs"), (2e12, "2.00 TFLOPs")])
+def test_flops_are_printed_with_units(value, text):
+    assert ma._si(value, "FLOPs") == text
 
 
 def test_cli_vars_only_in_process(capsys):

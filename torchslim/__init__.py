@@ -10,7 +10,7 @@ Submodules are imported on first use, so ``import torchslim`` stays cheap.
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
@@ -27,6 +27,7 @@ _SUBMODULES = (
     "losses",
     "metrics",
     "model_analyzer",
+    "progress",
     "queues",
     "summaries",
     "supervisor",
@@ -47,6 +48,39 @@ _ATTRIBUTES = {
     "assign_from_checkpoint_fn": "variables",
     "create_train_op": "learning",
 }
+
+
+if TYPE_CHECKING:  # what type checkers see; at run time __getattr__ imports each on first use
+    from . import (  # noqa: F401  (re-exports: the "from . import" form in __init__)
+        checkpoint,
+        cli,
+        collections,
+        data,
+        demo,
+        distributed,
+        evaluation,
+        layers,
+        learning,
+        losses,
+        metrics,
+        model_analyzer,
+        progress,
+        queues,
+        summaries,
+        supervisor,
+        triggers,
+        variables,
+    )
+    from .collections import GraphKeys as GraphKeys
+    from .distributed import SyncReplicasOptimizer as SyncReplicasOptimizer
+    from .layers import batch_norm as batch_norm
+    from .layers import l1_l2_regularizer as l1_l2_regularizer
+    from .layers import l1_regularizer as l1_regularizer
+    from .layers import l2_regularizer as l2_regularizer
+    from .learning import create_train_op as create_train_op
+    from .variables import assign_from_checkpoint_fn as assign_from_checkpoint_fn
+    from .variables import get_model_variables as get_model_variables
+    from .variables import get_variables_to_restore as get_variables_to_restore
 
 
 def __getattr__(name: str) -> Any:

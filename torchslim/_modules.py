@@ -115,6 +115,7 @@ def modules_of(*callables: Any, unwrap: bool = True) -> dict[str, torch.nn.Modul
         >>> net = torch.nn.Linear(2, 1)
         >>> def loss(batch):
         ...     return net(batch).sum()
+        >>> loss.__module__ = 'my_script'   # a user's function: torchslim's own code is not searched
         >>> list(modules_of(loss))
         ['net']
     """

@@ -1,21 +1,30 @@
 """The ``torchslim`` command line (also ``python -m torchslim``).
 
-    python -m torchslim demo --logdir /tmp/torchslim-demo
-    python -m torchslim eval /tmp/torchslim-demo --logdir /tmp/torchslim-eval
-    python -m torchslim inspect /tmp/torchslim-demo/model.ckpt-500.pt
-    python -m torchslim analyze torchvision_like.models:resnet18 --input-shape 1,3,224,224 --ops
+    torchslim demo --logdir /tmp/torchslim-demo              # train, evaluate every checkpoint, analyze
+    torchslim eval /tmp/torchslim-demo --once                # evaluate the newest checkpoint
+    torchslim inspect /tmp/torchslim-demo/model.ckpt-1000.pt # step, tensors, integrity
+    torchslim analyze torchslim.demo:DigitsNet --input-shape 1,1,8,8 --ops
+    torchslim --version
 
-Each subcommand lives beside the module it drives and parses its own
-arguments, so ``python -m torchslim SUBCOMMAND --help`` explains it.
+Each command lives beside the module it drives and parses its own
+arguments, so ``torchslim COMMAND --help`` explains it. Whatever goes wrong,
+the command prints one line, ``torchslim COMMAND: error: ...``, and exits
+with status 2 for bad arguments, 1 otherwise (set ``TORCHSLIM_TRACEBACK=1``
+to see the traceback of an unexpected error). A closed pipe
+(``torchslim --help | head -3``) ends it quietly.
 """
 from __future__ import annotations
 
+import argparse
 import importlib
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from typing import NoReturn
 
-# subcommand -> (module, function taking argv and returning an exit status, one-line help)
+__all__ = ["COMMANDS", "ArgumentParser", "main"]
+
+# command -> (module, function taking argv and returning an exit status, one-line help)
 COMMANDS = {
     "demo": ("torchslim.demo", "main", "train, evaluate and analyze a CNN on the shipped 8x8 digits"),
     "eval": ("torchslim.demo", "eval_main", "evaluate the demo model's checkpoints as they appear"),
@@ -24,52 +33,109 @@ COMMANDS = {
 }
 
 
-def _usage() -> str:
-    lines = ["usage: torchslim COMMAND [ARGS...]", "", "commands:"]
-    lines += [f"  {name:<8} {help_}" for name, (_, _, help_) in COMMANDS.items()]
-    lines += ["", "Run 'torchslim COMMAND --help' for a command's arguments."]
-    return "\n".join(lines)
+class ArgumentParser(argparse.ArgumentParser):
+    """``argparse.ArgumentParser`` whose errors take one line: ``PROG: error: MESSAGE (see 'PROG --help')``, exit 2.
+
+    Example:
+        >>> parser = ArgumentParser(prog='torchslim demo')
+        >>> _ = parser.add_argument('--steps', type=int)
+        >>> try:
+        ...     parser.parse_args(['--steps', 'x'])
+        ... except SystemExit as e:
+        ...     e.code
+        2
+    """
+
+    def error(self, message: str) -> NoReturn:
+        self.exit(2, f"{self.prog}: error: {message} (see '{self.prog} --help')\n")
+
+
+def _version() -> str:
+    from importlib import metadata
+
+    from torchslim import __version__
+
+    try:
+        torch_version = metadata.version("torch")
+    except metadata.PackageNotFoundError:
+        torch_version = "not installed"
+    return f"torchslim {__version__} (torch {torch_version}, Python {sys.version.split()[0]})"
+
+
+def _parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog="torchslim",
+        description="TF-Slim's training layer for PyTorch, from the shell.",
+        epilog="Run 'torchslim COMMAND --help' for a command's arguments.",
+    )
+    parser.add_argument("--version", action="version", version=_version(), help="print the versions and exit")
+    commands = parser.add_subparsers(dest="command", title="commands", metavar="COMMAND")
+    for name, (_, _, help_) in COMMANDS.items():
+        # Each command's own parser reads the rest of the line (add_help=False: its --help is its own).
+        commands.add_parser(name, help=help_, add_help=False)
+    return parser
+
+
+def _one_line(exc: BaseException) -> str:
+    text = " ".join(str(exc).split())
+    if isinstance(exc, (ValueError, TypeError, OSError, LookupError)) and text:
+        return text
+    hint = "" if os.environ.get("TORCHSLIM_TRACEBACK") else " (set TORCHSLIM_TRACEBACK=1 for the traceback)"
+    return f"{type(exc).__name__}: {text}{hint}" if text else f"{type(exc).__name__}{hint}"
+
+
+def _silence_stdout() -> None:
+    # The reader went away: point stdout at /dev/null so the interpreter's last flush cannot fail again.
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+    except (OSError, ValueError):
+        pass
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Runs the command line; returns the exit status.
+    """Runs the command line; returns the exit status (0 ok, 1 failed, 2 bad arguments).
 
     Example:
         >>> main(['--help'])  # doctest: +ELLIPSIS
-        usage: torchslim COMMAND [ARGS...]
+        usage: torchslim [-h] [--version] COMMAND ...
         ...
         0
+        >>> main(['trian'])
+        2
     """
     args = list(sys.argv[1:] if argv is None else argv)
-    if not args or args[0] in ("-h", "--help"):
-        print(_usage())
-        return 0 if args else 2
-    name, rest = args[0], args[1:]
-    if name not in COMMANDS:
-        print(f"torchslim: unknown command {name!r}\n\n{_usage()}", file=sys.stderr)
-        return 2
-    module_name, func_name, _ = COMMANDS[name]
-    func = getattr(importlib.import_module(module_name), func_name)
-    return run_reporting_errors(f"torchslim {name}", func, rest)
-
-
-def run_reporting_errors(prog: str, func: Callable[[list[str]], int | None], argv: list[str]) -> int:
-    """Runs a subcommand; an error becomes one line on stderr and exit status 1, never a traceback.
-
-    Ctrl-C exits 130. ``TORCHSLIM_TRACEBACK=1`` shows the traceback instead.
-
-    Example:
-        >>> run_reporting_errors('torchslim x', lambda argv: int(argv[0]), ['nan'])  # the line goes to stderr
-        1
-    """
+    command = "torchslim"
     try:
-        return int(func(argv) or 0)
-    except KeyboardInterrupt as e:
-        print(f"{prog}: interrupted{': ' + str(e) if str(e) else ''}", file=sys.stderr)
+        parser = _parser()
+        if not args:
+            parser.print_help(sys.stderr)
+            return 2
+        try:
+            namespace, rest = parser.parse_known_args(args)
+        except SystemExit as exit_:  # --help, --version, or an argument error already printed
+            sys.stdout.flush()
+            return 0 if exit_.code is None else int(exit_.code)
+        if namespace.command is None:
+            parser.error(f"unrecognized arguments: {' '.join(rest)}; give a COMMAND first")
+        command = f"torchslim {namespace.command}"
+        module_name, func_name, _ = COMMANDS[namespace.command]
+        func = getattr(importlib.import_module(module_name), func_name)
+        status = int(func(rest) or 0)
+        sys.stdout.flush()  # here, where a closed pipe is caught, not at the interpreter's exit
+        return status
+    except SystemExit as exit_:
+        code = exit_.code
+        return 0 if code is None else code if isinstance(code, int) else 1
+    except BrokenPipeError:
+        _silence_stdout()
+        return 1
+    except KeyboardInterrupt:
+        print(f"{command}: interrupted", file=sys.stderr)
         return 130
-    except Exception as e:
+    except Exception as exc:
         if os.environ.get("TORCHSLIM_TRACEBACK"):
             raise
-        message = " ".join(str(e).split()) or "(no message)"
-        print(f"{prog}: error: {type(e).__name__}: {message} (TORCHSLIM_TRACEBACK=1 shows where)", file=sys.stderr)
+        print(f"{command}: error: {_one_line(exc)}", file=sys.stderr)
         return 1

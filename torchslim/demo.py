@@ -21,16 +21,18 @@ ops; 38k parameters) on the 1,437 training digits of
 exponentially decaying learning rate, summaries (losses, learning rate,
 weight histograms, zero fractions of the activations, input images) and
 checkpoints, its batches prefetched by ``slim.queues.prefetch_queue``. Then
-it evaluates the newest checkpoint on the 360 held-out digits with
-``slim.evaluation.evaluate_once`` (summaries in ``LOGDIR/eval``) and prints
+it evaluates every checkpoint the run wrote on the 360 held-out digits with
+``slim.evaluation.evaluate_once`` (summaries in ``LOGDIR/eval``, under the
+training's tag names, ``accuracy`` and ``losses/cross_entropy``, so
+TensorBoard overlays the two runs' curves) and prints
 ``slim.model_analyzer``'s report. Run again on the same directory, it
 resumes from the newest checkpoint (weights, optimizer, schedule, global
 step, position in the data); when that checkpoint is already at
-``--steps``, it only evaluates and reports.
+``--steps``, it only evaluates it and reports.
 
-Progress goes to stderr: a tqdm progress bar when stderr is a terminal,
-TF-Slim's ``global step N: loss = X`` log lines otherwise. Results go to
-stdout.
+Progress goes to stderr: train()'s bar (steps/s, loss, ETA) when stderr is
+a terminal, TF-Slim's ``global step N: loss = X`` log lines otherwise.
+Results go to stdout.
 """
 from __future__ import annotations
 
@@ -55,8 +57,10 @@ from torchslim import learning as _learning
 from torchslim import losses as _losses
 from torchslim import metrics as _metrics
 from torchslim import model_analyzer as _model_analyzer
+from torchslim import progress as _progress
 from torchslim import queues as _queues
 from torchslim import summaries as _summaries
+from torchslim.cli import ArgumentParser
 from torchslim.collections import Registry
 from torchslim.data import ResumableIterable, repeat
 from torchslim.data import digits as _digits
@@ -87,6 +91,7 @@ DEFAULT_WEIGHT_DECAY = 1e-4
 DEFAULT_BN_DECAY = 0.9
 EVAL_BATCH_SIZE = 120
 EVAL_SUBDIR = "eval"
+CROSS_ENTROPY = "losses/cross_entropy"  # the training summary's tag, used for the evaluation's value too
 
 
 # --------------------------------------------------------------------------- the model
@@ -175,8 +180,8 @@ def make_total_loss(model: DigitsNet) -> Callable[[Sequence[torch.Tensor]], torc
     """The train op's ``total_loss``: ``(images, labels) -> cross entropy + regularization``.
 
     Each call records, for the step it runs in: the cross entropy
-    (``losses/cross_entropy``) and regularization (``losses/regularization``)
-    scalars, the zero fraction of every ReLU activation
+    (``losses/cross_entropy``), regularization (``losses/regularization``)
+    and batch accuracy (``accuracy``) scalars, the zero fraction of every ReLU activation
     (``sparsity/<layer>/Fraction_of_Zero_Values``) and the first input
     images (``inputs``). They cost nothing unless the step's summaries are
     written.
@@ -199,6 +204,7 @@ def make_total_loss(model: DigitsNet) -> Callable[[Sequence[torch.Tensor]], torc
         total = _losses.get_total_loss()
         _summaries.add_scalar_summary(cross_entropy, "cross_entropy", prefix="losses")
         _summaries.add_scalar_summary(total - cross_entropy, "regularization", prefix="losses")
+        _summaries.add_scalar_summary((logits.detach().argmax(1) == labels).float().mean(), "accuracy")
         _summaries.add_zero_fraction_summaries(
             [(name, end_points[name]) for name in ("conv1", "conv2", "fc1")], prefix="sparsity")
         _summaries.add_image_summary(images, "inputs", data_format="NCHW")
@@ -211,8 +217,10 @@ def make_eval(model: DigitsNet) -> tuple[Callable[[Sequence[torch.Tensor]], None
     """``(eval_op, names_to_values)`` for ``slim.evaluation``: accuracy and mean cross entropy.
 
     ``eval_op(batch)`` updates both streaming metrics with one batch;
-    ``names_to_values['accuracy']()`` and ``['cross_entropy']()`` return
-    their values over every batch since the evaluation began.
+    ``names_to_values['accuracy']()`` and ``['losses/cross_entropy']()``
+    return their values over every batch since the evaluation began. The
+    names are the training summaries' tags for the same quantities, so the
+    evaluation's curves lie over the training's in TensorBoard.
 
     Example:
         >>> eval_op, values = make_eval(build_model())
@@ -224,14 +232,14 @@ def make_eval(model: DigitsNet) -> tuple[Callable[[Sequence[torch.Tensor]], None
         raise TypeError(f"model must be the demo's DigitsNet (build_model()), got {type(model).__name__}")
     names_to_values, names_to_updates = _metrics.aggregate_metric_map({
         "accuracy": _metrics.streaming_accuracy(),
-        "cross_entropy": _metrics.streaming_mean(name="cross_entropy"),
+        CROSS_ENTROPY: _metrics.streaming_mean(name=CROSS_ENTROPY),
     })
 
     def eval_op(batch: Sequence[torch.Tensor]) -> None:
         images, labels = batch
         logits = model(images)
         names_to_updates["accuracy"](logits.argmax(1), labels)
-        names_to_updates["cross_entropy"](F.cross_entropy(logits, labels, reduction="none"))
+        names_to_updates[CROSS_ENTROPY](F.cross_entropy(logits, labels, reduction="none"))
 
     return eval_op, names_to_values
 
@@ -332,44 +340,26 @@ def _positive_int(name: str, value: Any) -> int:
 # --------------------------------------------------------------------------- progress
 
 
-class _StepFn:
-    """train()'s ``train_step_fn``: runs TF-Slim's train_step, notes the step training started
-    from, and (with ``bar``) advances a tqdm progress bar on stderr that shows the loss."""
+class _StartStep:
+    """train()'s ``train_step_fn``: TF-Slim's train_step, noting the global step training started from."""
 
-    def __init__(self, total: int, bar: bool) -> None:
-        self.total = total
-        self.want_bar = bar
-        self.bar: Any = None
+    def __init__(self) -> None:
         self.start_step: int | None = None
 
     def __call__(self, train_op: Any, batch: Any, global_step: Any, kwargs: Mapping[str, Any]) -> tuple[torch.Tensor, bool]:
         if self.start_step is None:
             self.start_step = train_op.step
-            if self.want_bar:
-                from tqdm import tqdm
-
-                self.bar = tqdm(total=self.total, initial=train_op.step, unit="step", desc="training",
-                                file=sys.stderr, dynamic_ncols=True, leave=True)
-        loss, should_stop = _learning.train_step(train_op, batch, global_step, kwargs)
-        if self.bar is not None:
-            self.bar.update(train_op.step - self.bar.n)
-            if train_op.step % 10 == 0:
-                self.bar.set_postfix(loss=f"{float(loss):.4f}", refresh=False)
-        return loss, should_stop
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
+        return _learning.train_step(train_op, batch, global_step, kwargs)
 
 
-def newest_intact_checkpoint(logdir: str) -> str | None:
+def newest_intact_checkpoint(logdir: str | os.PathLike[str]) -> str | None:
     """The newest checkpoint in ``logdir`` whose digest verifies (the one training resumes from), or None.
 
     Example:
         >>> newest_intact_checkpoint('/nonexistent') is None
         True
     """
-    for path in reversed(_checkpoint.list_checkpoints(logdir)):
+    for path in reversed(_checkpoint.list_checkpoints(os.fspath(logdir))):
         try:
             _checkpoint.verify_checkpoint(path)
         except (_checkpoint.CorruptCheckpointError, OSError):
@@ -380,20 +370,9 @@ def newest_intact_checkpoint(logdir: str) -> str | None:
 
 @contextlib.contextmanager
 def _console_logging(verbose: bool) -> Iterator[None]:
-    """Shows torchslim's log lines on stderr for the span of a command (unless someone already does)."""
-    if logger.handlers or logging.getLogger().handlers:
+    """torchslim's messages on stderr for the span of a command (unless logging is configured): INFO or WARNING."""
+    with _progress.console_logging(logging.INFO if verbose else logging.WARNING):
         yield
-        return
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(message)s"))
-    old_level = logger.level
-    logger.addHandler(handler)
-    logger.setLevel(logging.INFO if verbose else logging.WARNING)
-    try:
-        yield
-    finally:
-        logger.removeHandler(handler)
-        logger.setLevel(old_level)
 
 
 @contextlib.contextmanager
@@ -411,7 +390,7 @@ def _torch_threads(n: int | None) -> Iterator[None]:
 
 
 def train_demo(
-    logdir: str,
+    logdir: str | os.PathLike[str],
     steps: int = DEFAULT_STEPS,
     batch_size: int = DEFAULT_BATCH_SIZE,
     learning_rate: float = DEFAULT_LEARNING_RATE,
@@ -422,7 +401,7 @@ def train_demo(
     save_summaries_steps: int = 20,
     save_interval_steps: int = 200,
     log_every_n_steps: int = 100,
-    progress_bar: bool = False,
+    progress: _progress.ProgressMode = "auto",
 ) -> dict[str, Any]:
     """Trains the demo model into ``logdir`` (resuming from its newest checkpoint) up to ``steps``.
 
@@ -432,6 +411,8 @@ def train_demo(
     resumed with a larger ``steps`` continues the same schedule. Returns ``{'start_step',
     'global_step', 'loss', 'seconds', 'restored'}`` (``loss`` is None when
     no step ran, ``restored`` the checkpoint resumed from or None).
+    ``progress`` is train()'s (``'auto'``: a bar on a terminal, log lines
+    every ``log_every_n_steps`` otherwise).
 
     Example:
         >>> import tempfile
@@ -458,24 +439,15 @@ def train_demo(
         data = make_train_data(batch_size=batch_size, seed=seed)
 
         fresh: list[bool] = []
-        step_fn = _StepFn(total=steps, bar=progress_bar)
+        step_fn = _StartStep()
         started = time.monotonic()
-        try:
-            redirect: Any = contextlib.nullcontext()
-            if progress_bar:
-                from tqdm.contrib.logging import logging_redirect_tqdm
-
-                redirect = logging_redirect_tqdm(loggers=[logger])
-            with redirect:
-                loss = _learning.train(
-                    train_op, logdir, data=data, train_step_fn=step_fn, number_of_steps=steps,
-                    log_every_n_steps=0 if progress_bar else log_every_n_steps,
-                    save_summaries_secs=None, save_summaries_steps=save_summaries_steps,
-                    save_interval_secs=None, save_interval_steps=save_interval_steps,
-                    init_fn=lambda: fresh.append(True),   # called only when no checkpoint was restored
-                )
-        finally:
-            step_fn.close()
+        loss = _learning.train(
+            train_op, logdir, data=data, train_step_fn=step_fn, number_of_steps=steps,
+            log_every_n_steps=log_every_n_steps, progress=progress,
+            save_summaries_secs=None, save_summaries_steps=save_summaries_steps,
+            save_interval_secs=None, save_interval_steps=save_interval_steps,
+            init_fn=lambda: fresh.append(True),   # called only when no checkpoint was restored
+        )
         start_step = train_op.step if step_fn.start_step is None else step_fn.start_step
         return {
             "start_step": start_step,
@@ -497,12 +469,17 @@ class _PrintResults:
         self.results.append((context.global_step, values))
         correct = round(values["accuracy"] * _digits.TEST_SIZE)
         print(f"global step {context.global_step}: held-out accuracy = {values['accuracy']:.4f} "
-              f"({correct}/{_digits.TEST_SIZE} digits), cross entropy = {values['cross_entropy']:.4f} "
+              f"({correct}/{_digits.TEST_SIZE} digits), cross entropy = {values[CROSS_ENTROPY]:.4f} "
               f"[{os.path.basename(context.checkpoint_path)}]", flush=True)
 
 
-def evaluate_checkpoint(checkpoint_path: str, eval_logdir: str, bn_decay: float = DEFAULT_BN_DECAY) -> dict[str, float]:
-    """Evaluates one demo checkpoint on the 360 held-out digits; returns ``{'accuracy', 'cross_entropy'}``.
+def evaluate_checkpoint(
+    checkpoint_path: str | os.PathLike[str],
+    eval_logdir: str | os.PathLike[str],
+    bn_decay: float = DEFAULT_BN_DECAY,
+    progress: _progress.ProgressMode = "auto",
+) -> dict[str, float]:
+    """Evaluates one demo checkpoint on the 360 held-out digits; returns ``{'accuracy', 'losses/cross_entropy'}``.
 
     The values are also printed and written for TensorBoard into
     ``eval_logdir`` at the checkpoint's global step.
@@ -513,7 +490,7 @@ def evaluate_checkpoint(checkpoint_path: str, eval_logdir: str, bn_decay: float 
         >>> values = evaluate_checkpoint(_checkpoint.latest_checkpoint(d), os.path.join(d, 'eval'))  # doctest: +ELLIPSIS
         global step 20: held-out accuracy = ...
         >>> sorted(values)
-        ['accuracy', 'cross_entropy']
+        ['accuracy', 'losses/cross_entropy']
     """
     with Registry().as_default():
         model = build_model(bn_decay=bn_decay)
@@ -521,7 +498,7 @@ def evaluate_checkpoint(checkpoint_path: str, eval_logdir: str, bn_decay: float 
         data = make_eval_data()
         return _evaluation.evaluate_once(
             checkpoint_path, eval_logdir, num_evals=len(data), eval_op=eval_op, final_op=names_to_values,
-            data=data, variables_to_restore=model, hooks=[_PrintResults()])
+            data=data, variables_to_restore=model, hooks=[_PrintResults()], progress=progress)
 
 
 # --------------------------------------------------------------------------- command line
@@ -556,7 +533,7 @@ def _float_at_least(minimum: float, strict: bool) -> Callable[[str], float]:
 
 
 def _demo_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="torchslim demo",
         description="Train a small CNN on the shipped 8x8 digits (batch norm, L2 regularization, summaries, "
                     "checkpoints, a prefetch queue), evaluate it on the 360 held-out digits and print the model "
@@ -580,8 +557,9 @@ def _demo_parser() -> argparse.ArgumentParser:
                         help="write a checkpoint every N steps, and at the end (default: 200)")
     parser.add_argument("--log-every-n-steps", type=_int_at_least(0), default=100,
                         help="log the loss every N steps when stderr is not a terminal; 0: never (default: 100)")
-    parser.add_argument("--progress", choices=("auto", "bar", "log"), default="auto",
-                        help="'bar': a tqdm progress bar; 'log': log lines; 'auto': a bar when stderr is a terminal")
+    parser.add_argument("--progress", choices=_progress.MODES, default="auto",
+                        help="'bar': a progress bar with steps/s, loss and ETA; 'log': log lines; 'none': neither; "
+                             "'auto' (default): a bar when stderr is a terminal, log lines otherwise")
     parser.add_argument("--threads", type=_int_at_least(1), default=1,
                         help="CPU threads for torch (default: 1, the fastest for this small model)")
     parser.add_argument("--no-analyze", action="store_true", help="skip the model analyzer's report")
@@ -600,9 +578,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _demo_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     logdir = os.path.abspath(args.logdir)
     if os.path.exists(logdir) and not os.path.isdir(logdir):
-        print(f"torchslim demo: --logdir {args.logdir!r} exists and is not a directory", file=sys.stderr)
+        print(f"torchslim demo: error: --logdir {args.logdir!r} exists and is not a directory", file=sys.stderr)
         return 2
-    progress_bar = args.progress == "bar" or (args.progress == "auto" and sys.stderr.isatty())
     started = time.monotonic()
     with _console_logging(verbose=True), _torch_threads(args.threads):
         latest = newest_intact_checkpoint(logdir)
@@ -622,7 +599,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 decay_steps=args.decay_steps,
                 weight_decay=args.weight_decay, seed=args.seed, save_summaries_steps=args.save_summaries_steps,
                 save_interval_steps=args.save_interval_steps, log_every_n_steps=args.log_every_n_steps,
-                progress_bar=progress_bar,
+                progress=args.progress,
             )
             ran = info["global_step"] - info["start_step"]
             loss = "n/a" if info["loss"] is None else f"{info['loss']:.4f}"
@@ -630,13 +607,19 @@ def main(argv: Sequence[str] | None = None) -> int:
                   f"global step {info['global_step']}, last total loss {loss}", flush=True)
         checkpoint_path = newest_intact_checkpoint(logdir)
         if checkpoint_path is None:
-            print(f"torchslim demo: no checkpoint was written to {logdir}", file=sys.stderr)
+            print(f"torchslim demo: error: no checkpoint was written to {logdir}", file=sys.stderr)
             return 1
-        print(f"Evaluating {os.path.basename(checkpoint_path)} on the {_digits.TEST_SIZE} held-out digits:", flush=True)
-        evaluate_checkpoint(checkpoint_path, os.path.join(logdir, EVAL_SUBDIR))
+        # Every checkpoint this run wrote (the newest alone when nothing was trained): a curve in TensorBoard.
+        written = [p for p in _checkpoint.list_checkpoints(logdir) if _checkpoint.checkpoint_step(p) > done]
+        to_evaluate = written or [checkpoint_path]
+        names = ", ".join(os.path.basename(p) for p in to_evaluate)
+        print(f"Evaluating {names} on the {_digits.TEST_SIZE} held-out digits:", flush=True)
+        for path in to_evaluate:
+            evaluate_checkpoint(path, os.path.join(logdir, EVAL_SUBDIR), progress=args.progress)
         if not args.no_analyze:
             _print_analysis(checkpoint_path)
-    print(f"Done in {time.monotonic() - started:.1f} s. To look at the run: tensorboard --logdir {logdir}", flush=True)
+    print(f"Done in {time.monotonic() - started:.1f} s. To see the curves (training and held-out): "
+          f"tensorboard --logdir {logdir}", flush=True)
     return 0
 
 
@@ -653,7 +636,7 @@ def _print_analysis(checkpoint_path: str) -> None:
 
 
 def _eval_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         prog="torchslim eval",
         description="Evaluate the demo model's checkpoints in CHECKPOINT_DIR on the 360 held-out digits, "
                     "each new one as it appears (or the newest once, with --once), printing the accuracy.",
@@ -686,17 +669,18 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
     args = _eval_parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     checkpoint_dir = os.path.abspath(args.checkpoint_dir)
     if os.path.exists(checkpoint_dir) and not os.path.isdir(checkpoint_dir):
-        print(f"torchslim eval: CHECKPOINT_DIR {args.checkpoint_dir!r} is not a directory "
+        print(f"torchslim eval: error: CHECKPOINT_DIR {args.checkpoint_dir!r} is not a directory "
               f"(give the demo's --logdir)", file=sys.stderr)
         return 2
     eval_logdir = os.path.abspath(args.logdir) if args.logdir else os.path.join(checkpoint_dir, EVAL_SUBDIR)
+    progress: _progress.ProgressMode = "none" if args.quiet else "auto"
     with _console_logging(verbose=not args.quiet), _torch_threads(args.threads):
         if args.once:
             path = newest_intact_checkpoint(checkpoint_dir)
             if path is None:
-                print(f"torchslim eval: no checkpoint in {checkpoint_dir}", file=sys.stderr)
+                print(f"torchslim eval: error: no checkpoint in {checkpoint_dir}", file=sys.stderr)
                 return 1
-            evaluate_checkpoint(path, eval_logdir)
+            evaluate_checkpoint(path, eval_logdir, progress=progress)
             return 0
         with Registry().as_default():
             model = build_model()
@@ -707,9 +691,9 @@ def eval_main(argv: Sequence[str] | None = None) -> int:
                 checkpoint_dir, eval_logdir, num_evals=len(data), eval_op=eval_op, final_op=names_to_values,
                 data=data, variables_to_restore=model, hooks=[printer],
                 eval_interval_secs=args.eval_interval_secs, timeout=args.timeout,
-                max_number_of_evaluations=args.max_evaluations,
+                max_number_of_evaluations=args.max_evaluations, progress=progress,
             )
         if not printer.results:
-            print(f"torchslim eval: no checkpoint appeared in {checkpoint_dir}", file=sys.stderr)
+            print(f"torchslim eval: error: no checkpoint appeared in {checkpoint_dir}", file=sys.stderr)
             return 1
     return 0

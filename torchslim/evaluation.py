@@ -55,6 +55,7 @@ the method.
 """
 from __future__ import annotations
 
+import contextlib
 import itertools
 import logging
 import os
@@ -67,6 +68,7 @@ import torch
 import torchmetrics
 
 from torchslim import collections as _collections
+from torchslim import progress as _progress
 from torchslim._modules import as_single_module, modules_of
 from torchslim.checkpoint import (
     CheckpointError,
@@ -417,6 +419,7 @@ class _Evaluation:
         hooks: Any,
         data: Any,
         init_fn: Any = None,
+        progress: Any = "auto",
     ) -> None:
         if num_evals is not None and (isinstance(num_evals, bool) or not isinstance(num_evals, int) or num_evals < 1):
             raise ValueError(f"{fn}: argument 'num_evals' must be an int >= 1 or None (run until data runs out), got {num_evals!r}")
@@ -484,6 +487,9 @@ class _Evaluation:
         self.before_hooks = [h for h in all_hooks if _implements(h, "before_run")]
         self.after_hooks = [h for h in all_hooks if _implements(h, "after_run")]
         self.end_hooks = [h for h in all_hooks if _implements(h, "end")]
+        self.progress_mode = _progress.resolve_mode(progress)
+        self._console = contextlib.ExitStack()  # torchslim's messages on stderr until close(), if nothing else shows them
+        self._console.enter_context(_progress.console_logging())
 
     def _restore(self, state: Mapping[str, Any], path: str) -> None:
         if self.restore_into is None:
@@ -522,6 +528,17 @@ class _Evaluation:
         batches = zip(self.data)  # 1-tuples, made in C
         return batches if self.num_evals is None else itertools.islice(batches, self.num_evals)
 
+    def _shown(self, batches: Iterator[tuple[Any, ...]]) -> Iterator[tuple[Any, ...]]:
+        """The batches, with a progress bar or an 'Evaluation [k/N]' line every tenth (see torchslim.progress)."""
+        if self.progress_mode == "none":
+            return batches
+        total = self.num_evals
+        length = getattr(self.data, "__len__", None)
+        if length is not None:
+            total = length() if total is None else min(total, length())
+        shown = _progress.Progress(self.progress_mode, total, "Evaluation", " batch", leave=False)
+        return shown.wrap(batches, log_every=max(total // 10, 1) if total else None)
+
     def _run_batches(self, ctx: EvaluationContext) -> dict[str, list[Any]]:
         """Runs ``eval_op`` on each batch in its own step scope; returns the last step's collections."""
         last_step: dict[str, list[Any]] = {}
@@ -531,13 +548,13 @@ class _Evaluation:
         step_scope = _collections.step_scope
         if not (before or after):  # no per-batch hook: nothing but the op and its step scope
             n = 0
-            for batch in self._batches():
+            for batch in self._shown(self._batches()):
                 with step_scope() as last_step:
                     eval_fn(*batch)
                 n += 1
             ctx.evals_completed = n
         else:
-            for batch in self._batches():
+            for batch in self._shown(self._batches()):
                 with step_scope() as last_step:
                     ctx.batch = batch[0] if batch else None
                     for hook in before:
@@ -587,8 +604,11 @@ class _Evaluation:
         return ctx.final_values
 
     def close(self) -> None:
-        for hook in self.own_hooks:
-            hook.close()
+        try:
+            for hook in self.own_hooks:
+                hook.close()
+        finally:
+            self._console.close()
 
 
 def _check_not_applicable(fn: str, master: Any, session_config: Any) -> None:
@@ -603,8 +623,8 @@ def _check_not_applicable(fn: str, master: Any, session_config: Any) -> None:
 
 
 def evaluate_once(
-    checkpoint_path: str | os.PathLike,
-    logdir: str | os.PathLike,
+    checkpoint_path: str | os.PathLike[str],
+    logdir: str | os.PathLike[str],
     num_evals: int | None = 1,
     initial_op: Callable[[], Any] | None = None,
     initial_op_feed_dict: Any = None,
@@ -619,6 +639,8 @@ def evaluate_once(
     hooks: Sequence[Any] | None = None,
     data: Iterable[Any] | None = None,
     master: str = "",
+    *,
+    progress: _progress.ProgressMode = "auto",
 ) -> Any:
     """Evaluates the model at ``checkpoint_path``; returns the value of ``final_op``.
 
@@ -643,6 +665,9 @@ def evaluate_once(
         data: an iterable of batches (a DataLoader, a list).
         master, session_config, *_feed_dict: not applicable in eager PyTorch;
             a value other than the default raises a ValueError.
+        progress: ``'auto'`` (a bar over the batches when stderr is a terminal,
+            else an ``Evaluation [k/N]`` log line every tenth), ``'bar'``,
+            ``'log'`` or ``'none'`` (see :mod:`torchslim.progress`).
 
     Example:
         >>> import os, tempfile
@@ -671,7 +696,7 @@ def evaluate_once(
         raise ValueError(f"{fn}: checkpoint_path {path!r} is a directory; pass one checkpoint file, e.g. "
                          f"slim.checkpoint.latest_checkpoint({path!r})")
     evaluation = _Evaluation(fn, logdir, num_evals, initial_op, eval_op, final_op, summary_op,
-                             variables_to_restore, hooks, data)
+                             variables_to_restore, hooks, data, progress=progress)
     try:
         try:
             state = load_checkpoint(path)
@@ -704,7 +729,7 @@ def _wait_until(find: Callable[[], str | None], seconds_to_sleep: float, timeout
 
 
 def wait_for_new_checkpoint(
-    checkpoint_dir: str | os.PathLike,
+    checkpoint_dir: str | os.PathLike[str],
     last_checkpoint: str | None = None,
     seconds_to_sleep: float = 1,
     timeout: float | None = None,
@@ -813,7 +838,7 @@ def _iterate_checkpoints(
 
 
 def checkpoints_iterator(
-    checkpoint_dir: str | os.PathLike,
+    checkpoint_dir: str | os.PathLike[str],
     min_interval_secs: float = 0,
     timeout: float | None = None,
     timeout_fn: Callable[[], bool] | None = None,
@@ -851,8 +876,8 @@ def checkpoints_iterator(
 
 
 def evaluation_loop(
-    checkpoint_dir: str | os.PathLike,
-    logdir: str | os.PathLike,
+    checkpoint_dir: str | os.PathLike[str],
+    logdir: str | os.PathLike[str],
     num_evals: int | None = 1,
     initial_op: Callable[[], Any] | None = None,
     initial_op_feed_dict: Any = None,
@@ -876,6 +901,7 @@ def evaluation_loop(
     prefix: str | None = None,
     clock: Callable[[], float] = time.monotonic,
     sleep: Callable[[float], None] = time.sleep,
+    progress: _progress.ProgressMode = "auto",
 ) -> Any:
     """Evaluates each new checkpoint in ``checkpoint_dir`` once, oldest first; returns the last final values.
 
@@ -886,7 +912,8 @@ def evaluation_loop(
     ``max_number_of_evaluations`` (None: forever), ``timeout`` and
     ``timeout_fn`` (as :func:`checkpoints_iterator`), ``prefix`` (the
     Saver's file prefix; default: the one the directory's index records,
-    else any), ``clock`` and ``sleep`` (injectable time).
+    else any), ``clock`` and ``sleep`` (injectable time), ``progress`` (as
+    :func:`evaluate_once`).
 
     Unlike TF, a checkpoint written while another is evaluated is not
     skipped: each one newer than the last evaluated is evaluated in turn.
@@ -923,7 +950,7 @@ def evaluation_loop(
             f"would get batches; pass a re-iterable (a list, a DataLoader)"
         )
     evaluation = _Evaluation(fn, logdir, num_evals, initial_op, eval_op, final_op, summary_op,
-                             variables_to_restore, hooks, data, init_fn)
+                             variables_to_restore, hooks, data, init_fn, progress=progress)
     poll = min(1.0, max(float(eval_interval_secs), 0.05))
     values = None
     done = 0

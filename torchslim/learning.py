@@ -44,6 +44,7 @@ from typing import Any
 import torch
 
 from torchslim import collections as _collections
+from torchslim import progress as _progress
 from torchslim._modules import as_single_module, callable_name, modules_of
 from torchslim.collections import GraphKeys
 
@@ -613,7 +614,7 @@ def train_step(train_op: TrainOp, batch: Any, global_step: GlobalStep | None, tr
     elapsed = time.time() - start
     step = int(global_step) if global_step is not None else train_op.step
     log_every = train_step_kwargs.get("log_every_n_steps")
-    if log_every and step % log_every == 0:
+    if log_every and step % log_every == 0 and logger.isEnabledFor(logging.INFO):  # no record, no loss read, unless shown
         logger.info("global step %d: loss = %.4f (%.3f sec/step)", step, total_loss.item(), elapsed)
     number_of_steps = train_step_kwargs.get("number_of_steps")
     should_stop = number_of_steps is not None and step >= number_of_steps
@@ -684,7 +685,7 @@ def _check_train_args(
 
 def train(
     train_op: TrainOp,
-    logdir: str | None,
+    logdir: str | os.PathLike[str] | None,
     data: Iterable[Any] | None = None,
     train_step_fn: Callable[..., tuple[torch.Tensor, bool]] = train_step,
     train_step_kwargs: Any = _USE_DEFAULT,
@@ -713,6 +714,7 @@ def train(
     *,
     save_interval_steps: int | None = None,
     save_summaries_steps: int | None = None,
+    progress: _progress.ProgressMode = "auto",
 ) -> float | None:
     """Runs the training loop (see the module docstring); returns the last loss.
 
@@ -721,7 +723,12 @@ def train(
     ``data`` (an iterable of batches passed to the train op; None: the
     train op takes no batch), ``save_interval_steps`` and
     ``save_summaries_steps`` (step-based intervals, used alongside or
-    instead of the second-based ones; pass ``*_secs=None`` to turn those off).
+    instead of the second-based ones; pass ``*_secs=None`` to turn those off),
+    ``progress`` (``'auto'``: a bar with steps/s, loss and ETA when stderr is
+    a terminal, else TF-Slim's log line every ``log_every_n_steps``;
+    ``'bar'``, ``'log'`` or ``'none'`` to choose; see :mod:`torchslim.progress`).
+    When nothing has configured logging, torchslim's messages go to stderr
+    for the span of the call (a handler on the ``torchslim`` logger only).
 
     Example:
         >>> net = torch.nn.Linear(2, 1)
@@ -755,7 +762,9 @@ def train(
         train_step_kwargs = {}
     elif not isinstance(train_step_kwargs, Mapping):
         raise ValueError(f"train_step_kwargs must be a dict, got {type(train_step_kwargs).__name__}")
-    kwargs = {"number_of_steps": number_of_steps, "log_every_n_steps": log_every_n_steps, **train_step_kwargs}
+    shown = _progress.Progress(_progress.resolve_mode(progress), number_of_steps, "train", " step")
+    kwargs = {"number_of_steps": number_of_steps, "log_every_n_steps": log_every_n_steps if shown.logs else 0,
+              **train_step_kwargs}
 
     sv = Supervisor(
         train_op,
@@ -780,7 +789,7 @@ def train(
         kwargs.setdefault("trace_every_n_steps", trace_every_n_steps)
         kwargs.setdefault("logdir", str(logdir))
     total_loss = None
-    with sv:
+    with _progress.console_logging(), shown, sv:
         if number_of_steps is not None and train_op.step >= number_of_steps:
             if sv.restored_from is None:
                 logger.warning(
@@ -796,6 +805,7 @@ def train(
         # The per-step path is kept flat: the common checks inline, the rare ones behind one flag.
         extra_stop_checks = sv.coordinator is not None or sv.replica is not None
         after_step = sv.after_step
+        tick = shown.start(train_op.step) if sv.is_chief else None
         while True:
             if number_of_steps is not None and train_op.step >= number_of_steps:
                 break
@@ -810,8 +820,11 @@ def train(
                 train_op.record_summaries = wants_summaries(train_op.step + 1)
             total_loss, should_stop = train_step_fn(train_op, batch, gs, kwargs)
             after_step(total_loss)
+            if tick is not None:
+                tick(train_op.step, total_loss)
             if should_stop:
                 logger.info("Stopping Training.")
                 break
+        shown.close(train_op.step)
         sv.finish()
     return None if total_loss is None else total_loss.item()

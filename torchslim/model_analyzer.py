@@ -14,7 +14,8 @@
         big = MyModel()                                             # a 7e9-parameter model
     slim.model_analyzer.analyze_ops(big, torch.empty(1, 3, 224, 224, device='meta'))
 
-From a shell: ``python -m torchslim analyze PACKAGE.MODULE:FACTORY --input-shape 1,3,224,224 --ops``.
+From a shell: ``torchslim analyze torchslim.demo:DigitsNet --input-shape 1,1,8,8 --ops`` (the demo's
+network, shipped with the package), or any ``PACKAGE.MODULE:FACTORY`` that builds a model with no argument.
 
 TF-Slim walks ``graph.get_operations()``. Eager PyTorch has no graph to walk,
 so ``analyze_ops`` runs one forward pass on example inputs and records the aten
@@ -48,6 +49,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import importlib
+import inspect
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -506,7 +508,7 @@ def _shape(text: str) -> tuple[int, ...]:
 def _load_factory(spec: str) -> Callable[[], Any]:
     module_name, sep, attr = spec.partition(":")
     if not sep or not module_name or not attr:
-        raise ValueError(f"FACTORY must look like PACKAGE.MODULE:FACTORY (e.g. tests.models_zoo:resnet18), got {spec!r}")
+        raise ValueError(f"FACTORY must look like PACKAGE.MODULE:FACTORY (e.g. torchslim.demo:DigitsNet), got {spec!r}")
     try:
         obj: Any = importlib.import_module(module_name)
     except ImportError as exc:
@@ -517,7 +519,37 @@ def _load_factory(spec: str) -> Callable[[], Any]:
         obj = getattr(obj, part)
     if not callable(obj):
         raise ValueError(f"{spec!r} is a {type(obj).__name__}, expected a callable returning an nn.Module")
+    needed = _required_arguments(obj)
+    if needed:
+        raise ValueError(
+            f"{spec} cannot be built without arguments: it needs {', '.join(needed)}. Point FACTORY at a function "
+            f"that takes none and returns the model (e.g. def build(): return {attr.rsplit('.', 1)[-1]}(...))")
     return obj
+
+
+def _required_arguments(fn: Callable[..., Any]) -> list[str]:
+    """The parameters ``fn()`` would be missing (empty when its signature cannot be read)."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):
+        return []
+    return [p.name for p in signature.parameters.values()
+            if p.default is inspect.Parameter.empty
+            and p.kind in (inspect.Parameter.POSITIONAL_ONLY, inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                           inspect.Parameter.KEYWORD_ONLY)]
+
+
+def _si(value: float, unit: str) -> str:
+    """``675.07 kFLOPs``: a count with a k/M/G/T prefix (exact below 1000).
+
+    Example:
+        >>> _si(675072, 'FLOPs'), _si(1.8e9, 'FLOPs'), _si(12, 'MACs')
+        ('675.07 kFLOPs', '1.80 GFLOPs', '12 MACs')
+    """
+    for scale, prefix in ((1e12, "T"), (1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(value) >= scale:
+            return f"{value / scale:.2f} {prefix}{unit}"
+    return f"{value:g} {unit}"
 
 
 def main(argv: list[str]) -> int:
@@ -529,19 +561,22 @@ def main(argv: list[str]) -> int:
     zeros (random normals for floating types off the meta device) of ``--dtype``.
 
     Example:
-        >>> main(['tests.models_zoo:tiny_convnet', '--device', 'meta'])  # doctest: +ELLIPSIS
-        Model: tests.models_zoo:tiny_convnet (TinyConvNet) on meta
+        >>> main(['torchslim.demo:DigitsNet', '--device', 'meta'])  # doctest: +ELLIPSIS
+        Model: torchslim.demo:DigitsNet (DigitsNet) on meta
         ---------
         Variables: name (type shape) [size]
         ...
         0
     """
-    parser = argparse.ArgumentParser(
+    from torchslim.cli import ArgumentParser
+
+    parser = ArgumentParser(
         prog="torchslim analyze",
         description="Report a model's variables (parameters and buffers) and, with --ops, the ops, "
                     "output sizes and FLOPs (not MACs) of one forward pass.")
     parser.add_argument("factory", metavar="PACKAGE.MODULE:FACTORY",
-                        help="a callable returning an nn.Module, e.g. tests.models_zoo:resnet18")
+                        help="a callable taking no argument and returning an nn.Module, "
+                             "e.g. torchslim.demo:DigitsNet (the demo's network, --input-shape 1,1,8,8)")
     parser.add_argument("--input-shape", type=_shape, action="append", default=None, metavar="N,C,H,W",
                         help="shape of an example input; repeat for a model taking several inputs")
     parser.add_argument("--dtype", default="float32", choices=_DTYPES,
@@ -565,7 +600,7 @@ def main(argv: list[str]) -> int:
     with device:
         model = factory()
     if not isinstance(model, nn.Module):
-        print(f"torchslim analyze: {args.factory} returned a {type(model).__name__}, expected an nn.Module",
+        print(f"torchslim analyze: error: {args.factory} returned a {type(model).__name__}, expected an nn.Module",
               file=sys.stderr)
         return 2
     if dtype.is_floating_point:
@@ -582,9 +617,12 @@ def main(argv: list[str]) -> int:
         try:
             report = profile_ops(model, inputs)
         except Exception as exc:  # the model's own error, already naming the module
-            print(f"torchslim analyze: {type(exc).__name__}: {exc}", file=sys.stderr)
+            print(f"torchslim analyze: error: {' '.join(str(exc).split())}", file=sys.stderr)
             return 1
         print(report.format())
-        print(f"Forward pass: {report.total_flops / 1e9:.3f} GFLOPs = {report.total_flops / 2e9:.3f} GMACs, "
-              f"{report.total_size} op output elements")
+        # flop_counter counts 2 FLOPs per multiply-add in every op it knows (matmuls, convolutions,
+        # attention), so MACs are exactly half; ops it has no formula for count neither.
+        flops = report.total_flops
+        print(f"Forward pass: {_si(flops, 'FLOPs')} = {_si(flops / 2, 'MACs')} (multiply-adds), "
+              f"{report.total_size:,} op output elements")
     return 0

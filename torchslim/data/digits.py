@@ -65,7 +65,7 @@ def _check_split(split: object) -> str:
 @functools.lru_cache(maxsize=1)
 def _read_all() -> tuple[np.ndarray, np.ndarray]:
     """Every row of the shipped file as (uint8 pixels N x 64, int64 labels N); read once per process."""
-    resource = importlib.resources.files(__package__).joinpath("digits", _FILE)
+    resource = importlib.resources.files(__package__).joinpath("digits").joinpath(_FILE)
     with resource.open("rb") as raw, gzip.open(raw, "rt") as text:
         table = np.loadtxt(io.StringIO(text.read()), delimiter=",", dtype=np.int64)
     if table.shape != (NUM_EXAMPLES, 65):
