@@ -252,7 +252,7 @@ def test_compile_with_options_trains_and_checkpoints_plain_names(tmp_path):
         return model, op, None
 
     x, y = logistic_points()
-    a, _ = _assert_resume_is_exact(tmp_path, make, chunks(x, y, 8), steps=10, stop=5)
+    _assert_resume_is_exact(tmp_path, make, chunks(x, y, 8), steps=10, stop=5)
     state = checkpoint.load_checkpoint(checkpoint.latest_checkpoint(str(tmp_path / "b")))
     assert sorted(state["model"]) == ["fc.bias", "fc.weight"]
 
@@ -518,7 +518,7 @@ def test_profiler_regions_appear_only_while_a_trace_is_recorded(monkeypatch):
     op = slim.learning.create_train_op(bce(model), torch.optim.SGD(model.parameters(), lr=0.1))
     with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
         op((x, y))
-    assert REGIONS <= {e.name for e in prof.events()}
+    assert {e.name for e in prof.events()} >= REGIONS
     made = []
     real = torch.profiler.record_function
     monkeypatch.setattr(torch.profiler, "record_function", lambda name: made.append(name) or real(name))

@@ -642,7 +642,7 @@ def create_train_op(
         if not isinstance(m, torch.nn.Module):
             raise ValueError(f"model must be an nn.Module (or a list/dict of them), got {type(m).__name__} for {name!r}")
     single = as_single_module(found) if found else None
-    names = dict(single.named_parameters()) if single is not None else {}
+    names: dict[str, torch.Tensor] = dict(single.named_parameters()) if single is not None else {}
 
     optimizer_params = {id(p) for group in optimizer.param_groups for p in group["params"]}
     trained = None

@@ -126,6 +126,7 @@ def get_trainable_variables(
         >>> list(get_trainable_variables(net))
         ['0.weight', '1.weight', '1.bias']
     """
+    variables: OrderedDict[str, torch.Tensor]
     if isinstance(model, nn.Module):
         variables = OrderedDict((n, p) for n, p in model.named_parameters() if p.requires_grad)
     else:
