@@ -229,46 +229,49 @@ class TrainOp:
         self.optimizer.zero_grad(set_to_none=True)
         total: torch.Tensor | None = None
         for i, b in enumerate(micro):
-            with contextlib.ExitStack() as stack:
+            # Each micro-batch has its own step scope (its losses and summaries); the last one's
+            # stays open for the update, whose gradient summaries belong to it too.
+            entries: dict[str, list[Any]] = {}
+            token = _collections._step.set(entries)
+            try:
                 if i < n - 1:
-                    for m in self._ddp:  # only the last micro-batch all-reduces
-                        stack.enter_context(m.no_sync())
+                    with contextlib.ExitStack() as stack:
+                        for m in self._ddp:  # only the last micro-batch all-reduces
+                            stack.enter_context(m.no_sync())
+                        loss = self._forward_backward(b, region, n)
+                    total = loss if total is None else total + loss
+                    continue
                 loss = self._forward_backward(b, region, n)
-            total = loss if total is None else total + loss
+                total = loss if total is None else (total + loss) / n
+                self._apply(total, region)
+            finally:
+                self.last_step = entries
+                _collections._step.reset(token)
         assert total is not None
-        if n > 1:
-            total = total / n
-        self._apply(total, region)
         return total
 
     def _forward_backward(self, batch: Any, region: Any, n: int) -> torch.Tensor:
-        entries: dict[str, list[Any]] = {}
-        token = _collections._step.set(entries)
-        try:
-            with region("torchslim/loss"):
-                if self._place and batch is not self._no_batch:
-                    batch = _to_device(batch, self._device)
-                if self._autocast_dtype is None:
+        with region("torchslim/loss"):
+            if self._place and batch is not self._no_batch:
+                batch = _to_device(batch, self._device)
+            if self._autocast_dtype is None:
+                loss = self._loss_fn() if batch is self._no_batch else self._loss_fn(batch)
+            else:
+                with torch.autocast(self._device.type, dtype=self._autocast_dtype):
                     loss = self._loss_fn() if batch is self._no_batch else self._loss_fn(batch)
-                else:
-                    with torch.autocast(self._device.type, dtype=self._autocast_dtype):
-                        loss = self._loss_fn() if batch is self._no_batch else self._loss_fn(batch)
-            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                raise ValueError(
-                    f"total_loss must return a scalar tensor, got "
-                    f"{type(loss).__name__ if not isinstance(loss, torch.Tensor) else f'a tensor of shape {tuple(loss.shape)}'}"
-                )
-            with region("torchslim/backward"):
-                scaled = loss if n == 1 else loss / n
-                if self.grad_scaler is not None:
-                    scaled = self.grad_scaler.scale(scaled)
-                if self.variables_to_train is None:
-                    scaled.backward()
-                else:
-                    scaled.backward(inputs=self.variables_to_train)
-        finally:
-            self.last_step = entries
-            _collections._step.reset(token)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise ValueError(
+                f"total_loss must return a scalar tensor, got "
+                f"{type(loss).__name__ if not isinstance(loss, torch.Tensor) else f'a tensor of shape {tuple(loss.shape)}'}"
+            )
+        with region("torchslim/backward"):
+            scaled = loss if n == 1 else loss / n
+            if self.grad_scaler is not None:
+                scaled = self.grad_scaler.scale(scaled)
+            if self.variables_to_train is None:
+                scaled.backward()
+            else:
+                scaled.backward(inputs=self.variables_to_train)
         return loss.detach()
 
     def _apply(self, loss: torch.Tensor, region: Any) -> None:
