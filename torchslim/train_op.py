@@ -180,6 +180,7 @@ class TrainOp:
         self.record_summaries = False
         self.sync_numerics = False  # True: read the numerics flag before every update (one host sync per step)
         self.overflow_steps = 0
+        self.accumulating = False  # True during the backward passes of all but the last micro-batch
         self.last_step: dict[str, list[Any]] = {}
         # Called with the list of trained parameters after backward (distributed gradient averaging).
         self.after_backward: list[Callable[[list[torch.Tensor]], Any]] = []
@@ -235,10 +236,14 @@ class TrainOp:
             token = _collections._step.set(entries)
             try:
                 if i < n - 1:
-                    with contextlib.ExitStack() as stack:
-                        for m in self._ddp:  # only the last micro-batch all-reduces
-                            stack.enter_context(m.no_sync())
-                        loss = self._forward_backward(b, region, n)
+                    self.accumulating = True  # gradient averagers hold their all-reduce while this is set
+                    try:
+                        with contextlib.ExitStack() as stack:
+                            for m in self._ddp:  # only the last micro-batch all-reduces
+                                stack.enter_context(m.no_sync())
+                            loss = self._forward_backward(b, region, n)
+                    finally:
+                        self.accumulating = False
                     total = loss if total is None else total + loss
                     continue
                 loss = self._forward_backward(b, region, n)
