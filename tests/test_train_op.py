@@ -340,16 +340,6 @@ def test_moving_averages_resume_bitwise_and_evaluate_through_variables_to_restor
     assert "fc.weight/ExponentialMovingAverage" in names
 
 
-def test_moving_average_rejects_bad_arguments():
-    with pytest.raises(ValueError, match="decay must be a number in"):
-        slim.variables.ExponentialMovingAverage(1.5)
-    with pytest.raises(ValueError, match="num_updates must be None"):
-        slim.variables.ExponentialMovingAverage(0.9, num_updates="step")
-    ema = slim.variables.ExponentialMovingAverage(0.9)
-    with pytest.raises(TypeError, match="only floating point"):
-        ema.apply({"count": torch.zeros(2, dtype=torch.long)})
-
-
 # --------------------------------------------------------------------------- sparse gradients
 
 

@@ -7,11 +7,6 @@
 Sparse COO gradients (``nn.Embedding(sparse=True)``) are accepted everywhere:
 clipping uses the norm of the coalesced values (the norm of the dense
 gradient), the numerics check and the summaries look at the values.
-
-The numerics check keeps its flags on the gradients' device: each step one
-fused kernel (the one ``GradScaler`` uses) sets a flag when the loss or a
-gradient holds NaN or Inf, and one ``add_`` counts the steps since the flag
-was set, so the host reads nothing until it asks (:meth:`NumericsFlags.read`).
 """
 from __future__ import annotations
 
@@ -21,15 +16,11 @@ from typing import Any
 
 import torch
 
-__all__ = ["NumericsError", "add_gradients_summaries", "clip_gradient_norms", "multiply_gradients"]
+__all__ = ["add_gradients_summaries", "clip_gradient_norms", "multiply_gradients"]
 
 logger = logging.getLogger("torchslim")
 
 GradsAndVars = Sequence[tuple[Any, Any]]
-
-
-class NumericsError(FloatingPointError):
-    """A NaN or Inf in the loss, a gradient, a parameter or a buffer; the message names the tensor and the step."""
 
 
 def values_of(grad: torch.Tensor) -> torch.Tensor:
@@ -155,107 +146,3 @@ def add_gradients_summaries(grads_and_vars: GradsAndVars, names: Mapping[str, An
             continue
         named.append((name, values_of(coalesced(grad)) if grad.is_sparse else grad))
     return summaries.add_gradient_summaries(named)
-
-
-# --------------------------------------------------------------------------- device-side numerics flags
-
-
-class _Group:
-    """The flag, the constant 1 and the counter of one device."""
-
-    __slots__ = ("count", "found", "one")
-
-    def __init__(self, device: torch.device) -> None:
-        self.found = torch.zeros(1, device=device)
-        self.one = torch.ones(1, device=device)
-        self.count = torch.zeros(1, device=device)
-
-
-class NumericsFlags:
-    """Sticky device flags: set when a checked tensor holds NaN or Inf, read by the host only in :meth:`read`.
-
-    ``update(tensors)`` runs one fused kernel per device (no host read);
-    ``read()`` returns how many checks have run since the flag was first
-    set (0: all finite). The flag of the first device doubles as the
-    ``found_inf`` that fused optimizers use to skip a step on the device.
-
-    Example:
-        >>> flags = NumericsFlags(); flags.update([torch.ones(2)]); flags.read()
-        0
-        >>> flags.update([torch.tensor([float('nan')])]); flags.update([torch.ones(2)]); flags.read()
-        2
-    """
-
-    def __init__(self) -> None:
-        self._groups: dict[torch.device, _Group] = {}
-        self._main: _Group | None = None
-        self._fused = True
-
-    @property
-    def found_inf(self) -> torch.Tensor | None:
-        """The first device's flag (a 1-element float tensor), None before the first update."""
-        return self._main.found if self._main is not None else None
-
-    def _group(self, device: torch.device) -> _Group:
-        group = self._groups.get(device)
-        if group is None:
-            group = self._groups[device] = _Group(device)
-            if self._main is None:
-                self._main = group
-        return group
-
-    def update(self, tensors: list[torch.Tensor]) -> None:
-        if not tensors:
-            return
-        if self._fused:
-            group = self._main or self._group(tensors[0].device)
-            try:
-                # Multiplies by the constant 1 in place (exact) and sets the flag on any NaN or Inf.
-                torch._amp_foreach_non_finite_check_and_unscale_(tensors, group.found, group.one)
-            except RuntimeError:  # tensors on several devices, or a dtype the kernel does not take
-                self._fused = False
-            else:
-                group.count.add_(group.found)
-                return
-        by_device: dict[torch.device, list[torch.Tensor]] = {}
-        for t in tensors:
-            by_device.setdefault(t.device, []).append(t)
-        for device, ts in by_device.items():
-            group = self._group(device)
-            bad = torch.stack([torch.logical_not(torch.isfinite(t).all()) for t in ts]).any()
-            group.found.logical_or_(bad).clamp_(max=1)
-            group.count.add_(group.found)
-
-    def read(self) -> int:
-        """One host read per device: the number of checks run since the first bad one (0: none)."""
-        counts = [int(g.count.item()) for g in self._groups.values() if g.found.item() != 0]
-        return max(counts, default=0)
-
-    def clear(self) -> None:
-        for g in self._groups.values():
-            g.found.zero_()
-            g.count.zero_()
-
-
-def non_finite_kinds(t: torch.Tensor) -> str:
-    """'NaN', 'Inf' or 'NaN and Inf' for a tensor holding non-finite values, '' for a finite one."""
-    t = values_of(coalesced(t)) if t.is_sparse else t
-    if not t.is_floating_point() and not t.is_complex():
-        return ""
-    kinds = [k for k, bad in (("NaN", torch.isnan(t).any()), ("Inf", torch.isinf(t).any())) if bool(bad)]
-    return " and ".join(kinds)
-
-
-def first_non_finite(named: list[tuple[str, torch.Tensor]]) -> tuple[str, str] | None:
-    """The first (name, kinds) whose tensor holds NaN or Inf, with one host read for the finite case."""
-    floats = [(n, t) for n, t in named if t.is_floating_point()]
-    if not floats:
-        return None
-    norms = torch._foreach_norm([t.detach() for _, t in floats])
-    if bool(torch.isfinite(torch.stack([n.float().to(norms[0].device) for n in norms])).all()):
-        return None
-    for name, t in floats:
-        kinds = non_finite_kinds(t.detach())
-        if kinds:
-            return name, kinds
-    return None

@@ -45,7 +45,8 @@ import torch
 
 from torchslim import collections as _collections
 from torchslim.collections import GraphKeys
-from torchslim.gradients import NumericsError, add_gradients_summaries, clip_gradient_norms, multiply_gradients
+from torchslim.gradients import add_gradients_summaries, clip_gradient_norms, multiply_gradients
+from torchslim.numerics import NumericsError
 from torchslim.train_op import MicroBatches, TrainOp, create_train_op  # it imports GlobalStep from here lazily
 
 __all__ = [

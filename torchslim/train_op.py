@@ -44,27 +44,23 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 import torch
 
 from torchslim import collections as _collections
-from torchslim._modules import as_single_module, callable_name, modules_of
+from torchslim._modules import as_single_module, modules_of
 from torchslim.collections import GraphKeys
 from torchslim.gradients import (
-    NumericsError,
-    NumericsFlags,
     add_gradients_summaries,
     clip_by_norm_,
     coalesced,
     describe_var,
-    first_non_finite,
-    non_finite_kinds,
     resolve_multipliers,
     values_of,
 )
+from torchslim.numerics import NumericsChecks, NumericsFlags
 
 __all__ = ["MicroBatches", "TrainOp", "create_train_op"]
 
@@ -128,7 +124,7 @@ def _ddp_modules(candidates: Iterable[Any]) -> list[Any]:
     return list(found.values())
 
 
-class TrainOp:
+class TrainOp(NumericsChecks):
     """A callable training step: loss, gradients, update, update ops, global step.
 
     Build it with :func:`create_train_op`. Calling it on a batch (a list of
@@ -346,97 +342,6 @@ class TrainOp:
 
     def _name(self, param: torch.Tensor) -> str:
         return describe_var(param, self.names)
-
-    # -- numerics --------------------------------------------------------------------------------
-
-    def _check_now(self, loss: torch.Tensor, grads: list[torch.Tensor]) -> bool:
-        """The check read at once, before the update; True: an fp16 overflow, skip the update."""
-        self.check_pending_numerics()
-        step = self.step + 1
-        if not math.isfinite(loss.item()):
-            raise NumericsError(
-                f"step {step}: the loss {callable_name(self.total_loss)!r} is {loss.item()} "
-                "(weights left as they were before this step)"
-            )
-        self._flags.update(grads)
-        if not self._flags.read():
-            return False
-        self._flags.clear()
-        scaler = self.grad_scaler
-        if scaler is not None and scaler.get_scale() > 1.0:
-            return True  # an overflow of the scaled gradients: the scaler skips the step and lowers the scale
-        raise self._gradient_error(step, "weights left as they were before this step")
-
-    def _gradient_error(self, step: int, weights: str) -> NumericsError:
-        for p in self._params:
-            if p.grad is not None:
-                kinds = non_finite_kinds(p.grad)
-                if kinds:
-                    return NumericsError(f"step {step}: the gradient of parameter {self._name(p)} has {kinds} values ({weights})")
-        return NumericsError(f"step {step}: a gradient has NaN or Inf values ({weights})")
-
-    def check_pending_numerics(self) -> None:
-        """Reads the device-side numerics flag (one host sync); raises :class:`NumericsError` if it was set.
-
-        Also checks that every parameter and buffer is finite, which catches
-        an optimizer step that overflowed the weights. The loop calls this
-        before every checkpoint (through :meth:`state_dict`), when it logs,
-        and at the end; call it yourself in a loop of your own before reading
-        results. A no-op when no step ran since the last check.
-
-        Example:
-            >>> import torchslim as slim
-            >>> net = torch.nn.Linear(1, 1)
-            >>> op = create_train_op(lambda: net(torch.ones(1, 1)).sum(), torch.optim.SGD(net.parameters(), lr=0.1),
-            ...                      global_step=slim.learning.GlobalStep(), model=net)
-            >>> _ = op(); op.check_pending_numerics()
-        """
-        if not self.check_numerics or self._checked_step == self.step:
-            return
-        count = self._flags.read()
-        if count:
-            first = self.step - count + 1
-            if first == self.step:
-                loss = self._last_loss
-                if loss is not None and not math.isfinite(loss.item()):
-                    raise NumericsError(
-                        f"step {first}: the loss {callable_name(self.total_loss)!r} is {loss.item()} ({self._weights_note()})"
-                    )
-                raise self._gradient_error(first, self._weights_note())
-            raise NumericsError(
-                f"step {first}: the loss or a gradient first held NaN or Inf (read at step {self.step}, "
-                f"when {self._what_is_bad_now()}; {self._weights_note()})"
-            )
-        self._check_weights()
-        self._checked_step = self.step
-
-    def _what_is_bad_now(self) -> str:
-        loss = self._last_loss
-        if loss is not None and not math.isfinite(loss.item()):
-            return f"the loss {callable_name(self.total_loss)!r} is {loss.item()}"
-        error = str(self._gradient_error(self.step, ""))
-        return error[error.index(": ") + 2:].removesuffix(" ()")
-
-    def _weights_note(self) -> str:
-        if self._device_skip:
-            return "weights left as they were before that step: the fused optimizer skipped it on the device"
-        return "that update was applied; no checkpoint holds it: restart from the last checkpoint"
-
-    def _check_weights(self) -> None:
-        if self.model is None:
-            named = [(self._name(p), p) for p in self._params]
-        else:
-            named = [(repr(n), t) for n, t in self.model.state_dict(keep_vars=True).items() if isinstance(t, torch.Tensor)]
-        bad = first_non_finite(named)
-        if bad is not None:
-            since = f"after step {self.step}" if self._checked_step == self.step - 1 else (
-                f"between steps {self._checked_step + 1} and {self.step}"
-            )
-            raise NumericsError(
-                f"step {self.step}: {bad[0]} holds {bad[1]} values {since} (loss and gradients were finite: "
-                "the optimizer step overflowed it); no checkpoint holds it: lower the learning rate and restart "
-                "from the last checkpoint"
-            )
 
     # -- state -----------------------------------------------------------------------------------
 
