@@ -7,6 +7,11 @@
     init_fn = slim.variables.assign_from_checkpoint_fn('/tmp/pretrained.pth', variables)
     slim.learning.train(train_op, logdir, data=loader, init_fn=init_fn)
 
+    # moving averages of the weights (TF's ExponentialMovingAverage), evaluated through their names
+    ema = slim.variables.ExponentialMovingAverage(0.9999, num_updates=slim.learning.get_or_create_global_step())
+    slim.collections.add_to_collection(slim.GraphKeys.UPDATE_OPS, ema.apply(model))
+    slim.evaluation.evaluate_once(path, logdir, ..., variables_to_restore=ema.variables_to_restore())
+
     # a checkpoint whose names differ: map checkpoint names to the model's tensors
     var_list = {'InceptionV3/Conv2d_1a_3x3/weights': model.stem.conv.weight}
     init_fn = slim.variables.assign_from_checkpoint_fn(path, var_list, ignore_missing_vars=True)
@@ -500,12 +505,12 @@ class _MovingAverageUpdate:
         self.moving_average = ema  # the train op checkpoints the averages it finds here
         self.names = names
         self._shadows = [ema._shadows[n] for n in names]
-        self._variables = [ema._variables[n] for n in names]
+        self._variables = [ema._variables[n].detach() for n in names]  # views: the weights change in place
 
     def __call__(self) -> None:
         weight = 1.0 - self.moving_average.current_decay()
         with torch.no_grad():
-            torch._foreach_lerp_(self._shadows, [v.detach() for v in self._variables], weight)
+            torch._foreach_lerp_(self._shadows, self._variables, weight)
 
     def __repr__(self) -> str:
         return f"<update op: {self.moving_average.name} of {len(self.names)} variables>"
