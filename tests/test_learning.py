@@ -870,6 +870,7 @@ def test_nan_loss_raises_naming_the_loss_and_step_and_leaves_the_weights():
     op = slim.learning.create_train_op(
         _nan_at_step(model, x, y, 5, snapshots), torch.optim.SGD(model.parameters(), lr=1.0)
     )
+    op.sync_numerics = True  # read before every update (the deferred default is tested in test_train_op)
     with pytest.raises(NumericsError, match=r"step 5: the loss '.*total_loss' is nan") as info:
         slim.learning.train(op, None, number_of_steps=10, log_every_n_steps=0)
     assert isinstance(info.value, FloatingPointError)
@@ -894,6 +895,7 @@ def test_inf_gradient_raises_naming_the_parameter():
         return nn.functional.binary_cross_entropy(pred, y)
 
     op = slim.learning.create_train_op(total_loss, torch.optim.SGD(model.parameters(), lr=1.0))
+    op.sync_numerics = True
     with pytest.raises(NumericsError, match=r"step 3: the gradient of parameter 'fc\.weight' has Inf"):
         slim.learning.train(op, None, number_of_steps=10, log_every_n_steps=0)
     assert op.step == 2 and torch.isfinite(model.fc.weight).all()

@@ -238,3 +238,80 @@ class TestAssignFromValues:
     def test_size_mismatch(self, net):
         with pytest.raises(ValueError, match=r"'fc.bias' has shape \[2\].*shape \[3\]"):
             variables.assign_from_values_fn({"fc.bias": [1.0, 2.0]}, net)
+
+
+class TestExponentialMovingAverage:
+    def test_update_follows_tf_formula_with_num_updates(self):
+        w = torch.zeros(3)
+        step = [0]
+
+        class Step:  # anything with .value, as a GlobalStep
+            @property
+            def value(self):
+                return step[0]
+
+        ema = variables.ExponentialMovingAverage(0.999, num_updates=Step())
+        update = ema.apply({"w": w})
+        shadow = 0.0
+        for n in range(10):
+            w += 1.0  # the variable after update n
+            update()
+            decay = min(0.999, (1 + n) / (10 + n))  # TF: capped while num_updates is small
+            shadow -= (1 - decay) * (shadow - float(w[0]))
+            step[0] += 1
+        torch.testing.assert_close(ema.average("w"), torch.full((3,), shadow), rtol=0, atol=1e-6)
+        assert ema.current_decay() == min(0.999, 11 / 20)
+
+    def test_without_num_updates_the_decay_is_fixed(self):
+        w = torch.ones(2)
+        ema = variables.ExponentialMovingAverage(0.5)
+        update = ema.apply({"w": w})
+        w.fill_(3.0)
+        update()
+        assert ema.average(w).tolist() == [2.0, 2.0]  # 0.5 * 1 + 0.5 * 3
+
+    def test_variables_to_restore_maps_averages_and_keeps_the_rest(self, net):
+        ema = variables.ExponentialMovingAverage(0.9)
+        ema.apply(net)
+        restore = ema.variables_to_restore()
+        assert restore["fc.weight/ExponentialMovingAverage"] is net.fc.weight
+        assert restore["bn1.moving_mean/ExponentialMovingAverage"] is net.bn1.moving_mean
+        bn = nn.BatchNorm1d(2)
+        bn_ema = variables.ExponentialMovingAverage(0.9)
+        bn_ema.apply(bn)
+        assert bn_ema.variables_to_restore()["num_batches_tracked"] is bn.num_batches_tracked  # not float: own name
+        only = ema.variables_to_restore([net.fc.weight])
+        assert "fc.weight/ExponentialMovingAverage" in only and only["fc.bias"] is net.fc.bias
+        assert ema.average_name(net.fc.bias) == "fc.bias/ExponentialMovingAverage"
+
+    def test_state_dict_round_trip_and_errors(self):
+        w = torch.ones(2)
+        ema = variables.ExponentialMovingAverage(0.9, name="EMA")
+        ema.apply({"w": w})
+        other = variables.ExponentialMovingAverage(0.9, name="EMA")
+        other.apply({"w": torch.zeros(2)})
+        other.load_state_dict(ema.state_dict())
+        assert other.average("w").tolist() == [1.0, 1.0]
+        with pytest.raises(ValueError, match="lack"):
+            other.load_state_dict({})
+        with pytest.raises(ValueError, match="already has a moving average"):
+            ema.apply({"w": w})
+        with pytest.raises(ValueError, match="has no moving average"):
+            ema.average("v")
+        with pytest.raises(ValueError, match="without '/'"):
+            variables.ExponentialMovingAverage(0.9, name="a/b")
+        with pytest.raises(ValueError, match="decay must be a number"):
+            variables.ExponentialMovingAverage(float("nan"))
+        with pytest.raises(TypeError, match="only floating point"):
+            ema.apply({"count": torch.zeros(2, dtype=torch.long)})
+
+    def test_checkpoint_variables_include_the_averages(self, tmp_path):
+        path = str(tmp_path / "model.ckpt-3.pt")
+        checkpoint.save_checkpoint(path, {"global_step": 3, "model": {"w": torch.zeros(2)},
+                                          "moving_averages": {"ExponentialMovingAverage": {"w": torch.ones(2)}}})
+        values = variables.load_checkpoint_variables(path)
+        assert values["w"].tolist() == [0.0, 0.0]
+        assert values["w/ExponentialMovingAverage"].tolist() == [1.0, 1.0]
+        target = torch.full((2,), 5.0)
+        variables.assign_from_checkpoint_fn(path, {"w/ExponentialMovingAverage": target})()
+        assert target.tolist() == [1.0, 1.0]  # TF's way of loading the averaged weights into a model

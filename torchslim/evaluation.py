@@ -81,6 +81,7 @@ from torchslim.checkpoint import (
 from torchslim.learning import _USE_DEFAULT
 from torchslim.metrics import StreamingMetric, metrics_of
 from torchslim.summaries import SummaryRecord, SummaryWriter
+from torchslim.variables import moving_average_variables
 
 __all__ = [
     "CheckpointNotFoundError",
@@ -510,6 +511,7 @@ class _Evaluation:
                     f"variables_to_restore=<the module or a dict name -> tensor> to choose what is restored"
                 ) from e
             return
+        weights = {**weights, **moving_average_variables(state)}  # 'w/ExponentialMovingAverage' names
         missing = [name for name in self.restore_into if name not in weights]
         if missing:
             raise ValueError(f"checkpoint {path!r} has no value for variables_to_restore {missing[:5]} "

@@ -7,6 +7,11 @@
     init_fn = slim.variables.assign_from_checkpoint_fn('/tmp/pretrained.pth', variables)
     slim.learning.train(train_op, logdir, data=loader, init_fn=init_fn)
 
+    # moving averages of the weights (TF's ExponentialMovingAverage), evaluated through their names
+    ema = slim.variables.ExponentialMovingAverage(0.9999, num_updates=slim.learning.get_or_create_global_step())
+    slim.collections.add_to_collection(slim.GraphKeys.UPDATE_OPS, ema.apply(model))
+    slim.evaluation.evaluate_once(path, logdir, ..., variables_to_restore=ema.variables_to_restore())
+
     # a checkpoint whose names differ: map checkpoint names to the model's tensors
     var_list = {'InceptionV3/Conv2d_1a_3x3/weights': model.stem.conv.weight}
     init_fn = slim.variables.assign_from_checkpoint_fn(path, var_list, ignore_missing_vars=True)
@@ -37,6 +42,7 @@ from torchslim import checkpoint as _checkpoint
 
 __all__ = [
     "AssignFn",
+    "ExponentialMovingAverage",
     "assign_from_checkpoint_fn",
     "assign_from_values_fn",
     "filter_variables",
@@ -49,6 +55,7 @@ __all__ = [
     "get_variables_to_restore",
     "list_checkpoint_variables",
     "load_checkpoint_variables",
+    "moving_average_variables",
 ]
 
 logger = logging.getLogger("torchslim")
@@ -124,6 +131,7 @@ def get_trainable_variables(
         >>> list(get_trainable_variables(net))
         ['0.weight', '1.weight', '1.bias']
     """
+    variables: OrderedDict[str, torch.Tensor]
     if isinstance(model, nn.Module):
         variables = OrderedDict((n, p) for n, p in model.named_parameters() if p.requires_grad)
     else:
@@ -262,7 +270,8 @@ def load_checkpoint_variables(model_path: str) -> OrderedDict[str, torch.Tensor]
     """The named tensors of a checkpoint, read without executing any code.
 
     ``model_path`` is a torchslim checkpoint (its ``'model'`` state dict is
-    used; integrity is verified), a directory (its newest torchslim
+    used, plus its moving averages named as :func:`moving_average_variables`;
+    integrity is verified), a directory (its newest torchslim
     checkpoint), or a plain ``torch.save`` file of a state dict such as a
     downloaded ``.pth`` (a ``{'state_dict': ...}`` or ``{'model': ...}``
     wrapper is unwrapped). Plain files are read with
@@ -279,8 +288,10 @@ def load_checkpoint_variables(model_path: str) -> OrderedDict[str, torch.Tensor]
     path = _resolve_path(model_path)
     with open(path, "rb") as f:
         head = f.read(len(_checkpoint.MAGIC))
+    averages: OrderedDict[str, torch.Tensor] = OrderedDict()
     if head in (_checkpoint.MAGIC, _checkpoint.MAGIC_V1):
         state: Any = _checkpoint.load_checkpoint(path)
+        averages = moving_average_variables(state)
     else:
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
@@ -295,6 +306,7 @@ def load_checkpoint_variables(model_path: str) -> OrderedDict[str, torch.Tensor]
                 break
     tensors: OrderedDict[str, torch.Tensor] = OrderedDict()
     _flatten("", state, tensors)
+    tensors.update(averages)
     if not tensors:
         raise ValueError(f"model_path {path!r} holds no named tensors (got a {type(state).__name__})")
     return tensors
@@ -483,3 +495,165 @@ def assign_from_values_fn(var_names_to_values: Mapping[str, Any], var_list: Any)
             )
         assignments.append((name, target, _prepare_value(name, target, value, True, "the value")))
     return AssignFn(assignments)
+
+
+# ------------------------------------------------------------------ moving averages
+class _MovingAverageUpdate:
+    """The update op :meth:`ExponentialMovingAverage.apply` returns: one fused lerp of the shadows."""
+
+    def __init__(self, ema: ExponentialMovingAverage, names: list[str]) -> None:
+        self.moving_average = ema  # the train op checkpoints the averages it finds here
+        self.names = names
+        self._shadows = [ema._shadows[n] for n in names]
+        self._variables = [ema._variables[n].detach() for n in names]  # views: the weights change in place
+
+    def __call__(self) -> None:
+        weight = 1.0 - self.moving_average.current_decay()
+        with torch.no_grad():
+            torch._foreach_lerp_(self._shadows, self._variables, weight)
+
+    def __repr__(self) -> str:
+        return f"<update op: {self.moving_average.name} of {len(self.names)} variables>"
+
+
+class ExponentialMovingAverage:
+    """Moving averages of variables, as ``tf.train.ExponentialMovingAverage``.
+
+    ``apply(model)`` makes a shadow copy of each float variable (parameters
+    and float buffers of a module, or a dict name -> tensor) and returns an
+    update op (add it to ``update_ops`` or the UPDATE_OPS collection) that
+    does ``shadow -= (1 - decay) * (shadow - variable)`` for all of them in
+    one fused ``torch._foreach_lerp_``. With ``num_updates`` (a GlobalStep,
+    usually ``slim.learning.get_or_create_global_step()``, or an int) the
+    decay is TF's ``min(decay, (1 + n) / (10 + n))``, ``n`` the global step
+    when the op runs (the train op runs update ops before it counts the
+    step, so ``n`` is 0 at the first update). The train op checkpoints the
+    shadows (under ``'moving_averages'``) and restores them on resume;
+    :meth:`variables_to_restore` maps their checkpoint names
+    (``'<name>/ExponentialMovingAverage'``) to the model's tensors, so
+    ``evaluate_once(..., variables_to_restore=ema.variables_to_restore())``
+    evaluates the averaged weights.
+
+    Example:
+        >>> net = nn.Linear(2, 1, bias=False)
+        >>> with torch.no_grad(): _ = net.weight.fill_(0.0)
+        >>> ema = ExponentialMovingAverage(0.9)
+        >>> update = ema.apply(net)
+        >>> with torch.no_grad(): _ = net.weight.fill_(1.0)
+        >>> update(); ema.average(net.weight)
+        tensor([[0.1000, 0.1000]])
+        >>> list(ema.variables_to_restore())
+        ['weight/ExponentialMovingAverage']
+    """
+
+    def __init__(
+        self, decay: float, num_updates: Any = None, zero_debias: bool = False, name: str = "ExponentialMovingAverage"
+    ) -> None:
+        if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay <= 1.0:
+            raise ValueError(f"decay must be a number in [0, 1] (e.g. 0.9999), got {decay!r}")
+        if num_updates is not None and not (
+            (isinstance(num_updates, int) and not isinstance(num_updates, bool)) or hasattr(num_updates, "value")
+        ):
+            raise ValueError(f"num_updates must be None, an int or a GlobalStep, got {type(num_updates).__name__}")
+        if zero_debias:
+            raise ValueError("zero_debias=True is not supported (TF uses it only for Adam-style debiasing); leave it False")
+        if not isinstance(name, str) or not name or "/" in name:
+            raise ValueError(f"name must be a non-empty string without '/', got {name!r}")
+        self.decay = float(decay)
+        self.num_updates = num_updates
+        self.name = name
+        self._variables: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._shadows: OrderedDict[str, torch.Tensor] = OrderedDict()
+        self._others: OrderedDict[str, torch.Tensor] = OrderedDict()
+
+    def current_decay(self) -> float:
+        """The decay the next update uses: ``min(decay, (1 + n) / (10 + n))`` with num_updates, else decay."""
+        if self.num_updates is None:
+            return self.decay
+        n = int(self.num_updates.value if hasattr(self.num_updates, "value") else self.num_updates)
+        return min(self.decay, (1.0 + n) / (10.0 + n))
+
+    def apply(self, var_list: Any = None) -> _MovingAverageUpdate:
+        """Creates shadows of ``var_list`` (a module or a dict name -> tensor) and returns their update op."""
+        if var_list is None:
+            raise ValueError("var_list must be a module or a dict name -> tensor (PyTorch has no global variable list)")
+        variables = _all_variables(var_list)
+        names = []
+        for name, t in variables.items():
+            if not t.is_floating_point():
+                if isinstance(var_list, nn.Module):  # e.g. batch norm's num_batches_tracked: restored as it is
+                    self._others[name] = t
+                    continue
+                raise TypeError(f"variable {name!r} has dtype {t.dtype}; only floating point variables can be averaged")
+            if name in self._shadows:
+                raise ValueError(f"variable {name!r} already has a moving average in {self.name!r}")
+            self._variables[name] = t
+            self._shadows[name] = t.detach().clone()
+            names.append(name)
+        return _MovingAverageUpdate(self, names)
+
+    def average_name(self, var: Any) -> str:
+        """The checkpoint name of a variable's average: ``'<variable name>/<self.name>'``."""
+        return f"{self._name_of(var)}/{self.name}"
+
+    def average(self, var: Any) -> torch.Tensor:
+        """The shadow tensor of a variable (given by name or as the tensor itself)."""
+        return self._shadows[self._name_of(var)]
+
+    def _name_of(self, var: Any) -> str:
+        if isinstance(var, str):
+            if var not in self._shadows:
+                raise ValueError(f"{var!r} has no moving average in {self.name!r} (averaged: {list(self._shadows)[:5]})")
+            return var
+        for name, t in self._variables.items():
+            if t is var:
+                return name
+        raise ValueError(f"the tensor of shape {tuple(getattr(var, 'shape', ()))} has no moving average in {self.name!r}")
+
+    def variables_to_restore(self, moving_avg_variables: Any = None) -> OrderedDict[str, torch.Tensor]:
+        """``{checkpoint name: model tensor}``: the averages for averaged variables, the plain names for the rest.
+
+        ``moving_avg_variables`` (names or tensors) limits which are taken
+        from their averages; default: all averaged variables.
+        """
+        chosen = set(self._shadows) if moving_avg_variables is None else {self._name_of(v) for v in moving_avg_variables}
+        out: OrderedDict[str, torch.Tensor] = OrderedDict()
+        for name, t in self._variables.items():
+            out[f"{name}/{self.name}" if name in chosen else name] = t
+        out.update(self._others)
+        return out
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The shadow tensors by variable name (live references)."""
+        return dict(self._shadows)
+
+    def load_state_dict(self, state: Mapping[str, torch.Tensor]) -> None:
+        missing = [n for n in self._shadows if n not in state]
+        if missing:
+            raise ValueError(f"the checkpoint's moving averages {self.name!r} lack {missing[:5]}")
+        with torch.no_grad():
+            for name, shadow in self._shadows.items():
+                shadow.copy_(state[name])
+
+    def reset(self) -> None:
+        """Sets every shadow to its variable's current value."""
+        with torch.no_grad():
+            torch._foreach_copy_(list(self._shadows.values()), [v.detach() for v in self._variables.values()])
+
+
+def moving_average_variables(state: Mapping[str, Any]) -> OrderedDict[str, torch.Tensor]:
+    """The moving averages of a loaded checkpoint by checkpoint name (``'fc.weight/ExponentialMovingAverage'``).
+
+    Example:
+        >>> dict(moving_average_variables({'moving_averages': {'EMA': {'w': torch.ones(1)}}}))
+        {'w/EMA': tensor([1.])}
+    """
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
+    averages = state.get("moving_averages")
+    if isinstance(averages, Mapping):
+        for ema_name, shadows in averages.items():
+            if isinstance(shadows, Mapping):
+                for name, t in shadows.items():
+                    if isinstance(t, torch.Tensor):
+                        out[f"{name}/{ema_name}"] = t
+    return out

@@ -1,0 +1,242 @@
+"""The train op's numerics check: device-side flags the host reads only when it reads anyway.
+
+    flags = NumericsFlags()
+    flags.update([loss, *grads])     # one fused kernel per device, no host read
+    ...
+    if flags.read():                 # one host read: how many checks ran since the first bad one
+        ...
+
+Each step one fused kernel (the one ``GradScaler`` uses) sets a flag when the
+loss or a gradient holds NaN or Inf, and one ``add_`` counts the steps since
+the flag was set, so the host reads nothing until it asks; the count gives
+the step where the NaN first appeared. :class:`NumericsChecks` is the train
+op's half: reading the flag, checking the weights, naming the tensor.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from typing import Any
+
+import torch
+
+from torchslim._modules import callable_name
+from torchslim.gradients import coalesced, values_of
+
+__all__ = ["NumericsChecks", "NumericsError", "NumericsFlags"]
+
+
+class NumericsError(FloatingPointError):
+    """A NaN or Inf in the loss, a gradient, a parameter or a buffer; the message names the tensor and the step."""
+
+
+class _Group:
+    """The flag, the constant 1 and the counter of one device."""
+
+    __slots__ = ("count", "found", "one")
+
+    def __init__(self, device: torch.device) -> None:
+        self.found = torch.zeros(1, device=device)
+        self.one = torch.ones(1, device=device)
+        self.count = torch.zeros(1, device=device)
+
+
+class NumericsFlags:
+    """Sticky device flags: set when a checked tensor holds NaN or Inf, read by the host only in :meth:`read`.
+
+    ``update(tensors)`` runs one fused kernel per device (no host read);
+    ``read()`` returns how many checks have run since the flag was first
+    set (0: all finite). The flag of the first device doubles as the
+    ``found_inf`` that fused optimizers use to skip a step on the device.
+
+    Example:
+        >>> flags = NumericsFlags(); flags.update([torch.ones(2)]); flags.read()
+        0
+        >>> flags.update([torch.tensor([float('nan')])]); flags.update([torch.ones(2)]); flags.read()
+        2
+    """
+
+    def __init__(self) -> None:
+        self._groups: dict[torch.device, _Group] = {}
+        self._main: _Group | None = None
+        self._fused = True
+
+    @property
+    def found_inf(self) -> torch.Tensor | None:
+        """The first device's flag (a 1-element float tensor), None before the first update."""
+        return self._main.found if self._main is not None else None
+
+    def _group(self, device: torch.device) -> _Group:
+        group = self._groups.get(device)
+        if group is None:
+            group = self._groups[device] = _Group(device)
+            if self._main is None:
+                self._main = group
+        return group
+
+    def update(self, tensors: list[torch.Tensor]) -> None:
+        if not tensors:
+            return
+        if self._fused:
+            group = self._main or self._group(tensors[0].device)
+            try:
+                # Multiplies by the constant 1 in place (exact) and sets the flag on any NaN or Inf.
+                torch._amp_foreach_non_finite_check_and_unscale_(tensors, group.found, group.one)
+            except RuntimeError:  # tensors on several devices, or a dtype the kernel does not take
+                self._fused = False
+            else:
+                group.count.add_(group.found)
+                return
+        by_device: dict[torch.device, list[torch.Tensor]] = {}
+        for t in tensors:
+            by_device.setdefault(t.device, []).append(t)
+        for device, ts in by_device.items():
+            group = self._group(device)
+            bad = torch.stack([torch.logical_not(torch.isfinite(t).all()) for t in ts]).any()
+            group.found.logical_or_(bad).clamp_(max=1)
+            group.count.add_(group.found)
+
+    def read(self) -> int:
+        """One host read per device: the number of checks run since the first bad one (0: none)."""
+        counts = [int(g.count.item()) for g in self._groups.values() if g.found.item() != 0]
+        return max(counts, default=0)
+
+    def clear(self) -> None:
+        for g in self._groups.values():
+            g.found.zero_()
+            g.count.zero_()
+
+
+def non_finite_kinds(t: torch.Tensor) -> str:
+    """'NaN', 'Inf' or 'NaN and Inf' for a tensor holding non-finite values, '' for a finite one."""
+    t = values_of(coalesced(t)) if t.is_sparse else t
+    if not t.is_floating_point() and not t.is_complex():
+        return ""
+    kinds = [k for k, bad in (("NaN", torch.isnan(t).any()), ("Inf", torch.isinf(t).any())) if bool(bad)]
+    return " and ".join(kinds)
+
+
+def first_non_finite(named: list[tuple[str, torch.Tensor]]) -> tuple[str, str] | None:
+    """The first (name, kinds) whose tensor holds NaN or Inf, with one host read for the finite case."""
+    floats = [(n, t) for n, t in named if t.is_floating_point()]
+    if not floats:
+        return None
+    norms = torch._foreach_norm([t.detach() for _, t in floats])
+    if bool(torch.isfinite(torch.stack([n.float().to(norms[0].device) for n in norms])).all()):
+        return None
+    for name, t in floats:
+        kinds = non_finite_kinds(t.detach())
+        if kinds:
+            return name, kinds
+    return None
+
+
+class NumericsChecks:
+    """The train op's reading of its :class:`NumericsFlags` (mixed into :class:`torchslim.train_op.TrainOp`)."""
+
+    check_numerics: bool
+    total_loss: Callable[..., torch.Tensor]
+    grad_scaler: Any
+    model: torch.nn.Module | None
+    _flags: NumericsFlags
+    _checked_step: int
+    _last_loss: torch.Tensor | None
+    _params: list[torch.Tensor]
+    _device_skip: bool
+
+    @property
+    def step(self) -> int:
+        raise NotImplementedError
+
+    def _name(self, param: torch.Tensor) -> str:
+        raise NotImplementedError
+
+    def _check_now(self, loss: torch.Tensor, grads: list[torch.Tensor]) -> bool:
+        """The check read at once, before the update; True: an fp16 overflow, skip the update."""
+        self.check_pending_numerics()
+        step = self.step + 1
+        if not math.isfinite(loss.item()):
+            raise NumericsError(
+                f"step {step}: the loss {callable_name(self.total_loss)!r} is {loss.item()} "
+                "(weights left as they were before this step)"
+            )
+        self._flags.update(grads)
+        if not self._flags.read():
+            return False
+        self._flags.clear()
+        scaler = self.grad_scaler
+        if scaler is not None and scaler.get_scale() > 1.0:
+            return True  # an overflow of the scaled gradients: the scaler skips the step and lowers the scale
+        raise self._gradient_error(step, "weights left as they were before this step")
+
+    def _gradient_error(self, step: int, weights: str) -> NumericsError:
+        for p in self._params:
+            if p.grad is not None:
+                kinds = non_finite_kinds(p.grad)
+                if kinds:
+                    return NumericsError(f"step {step}: the gradient of parameter {self._name(p)} has {kinds} values ({weights})")
+        return NumericsError(f"step {step}: a gradient has NaN or Inf values ({weights})")
+
+    def check_pending_numerics(self) -> None:
+        """Reads the device-side numerics flag (one host sync); raises :class:`NumericsError` if it was set.
+
+        Also checks that every parameter and buffer is finite, which catches
+        an optimizer step that overflowed the weights. The loop calls this
+        before every checkpoint (through :meth:`state_dict`), when it logs,
+        and at the end; call it yourself in a loop of your own before reading
+        results. A no-op when no step ran since the last check.
+
+        Example:
+            >>> import torchslim as slim
+            >>> net = torch.nn.Linear(1, 1)
+            >>> op = slim.learning.create_train_op(lambda: net(torch.ones(1, 1)).sum(),
+            ...     torch.optim.SGD(net.parameters(), lr=0.1), global_step=slim.learning.GlobalStep(), model=net)
+            >>> _ = op(); op.check_pending_numerics()
+        """
+        if not self.check_numerics or self._checked_step == self.step:
+            return
+        count = self._flags.read()
+        if count:
+            first = self.step - count + 1
+            if first == self.step:
+                loss = self._last_loss
+                if loss is not None and not math.isfinite(loss.item()):
+                    raise NumericsError(
+                        f"step {first}: the loss {callable_name(self.total_loss)!r} is {loss.item()} ({self._weights_note()})"
+                    )
+                raise self._gradient_error(first, self._weights_note())
+            raise NumericsError(
+                f"step {first}: the loss or a gradient first held NaN or Inf (read at step {self.step}, "
+                f"when {self._what_is_bad_now()}; {self._weights_note()})"
+            )
+        self._check_weights()
+        self._checked_step = self.step
+
+    def _what_is_bad_now(self) -> str:
+        loss = self._last_loss
+        if loss is not None and not math.isfinite(loss.item()):
+            return f"the loss {callable_name(self.total_loss)!r} is {loss.item()}"
+        error = str(self._gradient_error(self.step, ""))
+        return error[error.index(": ") + 2:].removesuffix(" ()")
+
+    def _weights_note(self) -> str:
+        if self._device_skip:
+            return "weights left as they were before that step: the fused optimizer skipped it on the device"
+        return "that update was applied; no checkpoint holds it: restart from the last checkpoint"
+
+    def _check_weights(self) -> None:
+        if self.model is None:
+            named = [(self._name(p), p) for p in self._params]
+        else:
+            named = [(repr(n), t) for n, t in self.model.state_dict(keep_vars=True).items() if isinstance(t, torch.Tensor)]
+        bad = first_non_finite(named)
+        if bad is not None:
+            since = f"after step {self.step}" if self._checked_step == self.step - 1 else (
+                f"between steps {self._checked_step + 1} and {self.step}"
+            )
+            raise NumericsError(
+                f"step {self.step}: {bad[0]} holds {bad[1]} values {since} (loss and gradients were finite: "
+                "the optimizer step overflowed it); no checkpoint holds it: lower the learning rate and restart "
+                "from the last checkpoint"
+            )
+
