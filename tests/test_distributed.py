@@ -6,6 +6,7 @@ torchrun across two network namespaces is in test_multinode.py.
 """
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import os
@@ -540,3 +541,33 @@ def test_every_replica_resumes_its_own_shuffle_dropout_and_streams_bitwise(tmp_p
     assert all(r % 2 == 0 for step in orders[0] for r in step) and orders[0][:8] != orders[0][8:]  # own shard, reshuffled
     parts = slim.checkpoint.load_checkpoint(slim.checkpoint.latest_checkpoint(str(tmp_path / "log")))["replicas"]
     assert len(parts) == 2 and not torch.equal(parts[0]["rng"]["torch"], parts[1]["rng"]["torch"])
+
+
+def test_accumulation_under_sync_replicas_communicates_on_the_last_micro_batch_only(single_process_group, monkeypatch):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Linear(64, 64), torch.nn.Tanh(), torch.nn.Linear(64, 64))
+    ref = copy.deepcopy(net)
+    x = torch.randn(32, 64)
+    sync = slim.SyncReplicasOptimizer(torch.optim.SGD(net.parameters(), lr=0.1, momentum=0.9), bucket_cap_mb=0.01)
+    plain = torch.optim.SGD(ref.parameters(), lr=0.1, momentum=0.9)
+    forwards = [0]
+
+    def loss(batch):
+        forwards[0] += 1
+        return net(batch).pow(2).mean()
+
+    op = create_train_op(loss, sync, global_step=GlobalStep(), model=net, accumulate_steps=4)
+    replica = distributed.prepare(op, sync_optimizer=sync)
+    launched_after = []  # how many micro-batch forwards had run when each all-reduce was launched
+    real_all_reduce = dist.all_reduce
+    monkeypatch.setattr(dist, "all_reduce", lambda *a, **k: launched_after.append(forwards[0]) or real_all_reduce(*a, **k))
+    for _ in range(3):
+        op(slim.learning.MicroBatches(x.chunk(4)))
+        plain.zero_grad()
+        ref(x).pow(2).mean().backward()
+        plain.step()
+    # Buckets fill in reverse order and close at >= 10486 bytes: 2.bias + 2.weight (16640 B), then 0.bias + 0.weight.
+    # Every parameter gets a gradient, so buckets launch from backward: both during the 4th micro-batch's.
+    assert launched_after == [4, 4, 8, 8, 12, 12]
+    assert_params_close(net.state_dict(), ref.state_dict(), atol=1e-6)
+    replica.close()

@@ -201,6 +201,7 @@ class GroupReplica(Replica):
                 averager = opt._attach(_trained_params(train_op), managed=True)
                 if opt.broadcast_buffers and train_op.model is not None:
                     averager.buffers = [g for g in _buffer_groups(train_op.model)]
+                averager.holding = lambda: train_op.accumulating
                 self._installed = averager.finish
                 self._managed = averager
                 train_op.after_backward.append(averager.finish)

@@ -115,6 +115,9 @@ class _GradientAverager:
         # Set on the chief by its replica: asked once per step, as the last bucket leaves, whether every
         # replica should checkpoint after this step. The answer travels in that bucket (no extra collective).
         self.request: Callable[[], bool] | None = None
+        # True during the backward passes of all but the last micro-batch of a step (accumulate_steps):
+        # their gradients accumulate in place and only the last backward launches the all-reduce.
+        self.holding: Callable[[], bool] = lambda: False
         self._handles = [p.register_post_accumulate_grad_hook(self._on_grad) for p in self.params]
 
     def signature(self) -> list[tuple[int, str, str]]:
@@ -122,6 +125,8 @@ class _GradientAverager:
         return [(b.numel, str(b.flat.dtype), b.flat.device.type) for b in self.buckets]
 
     def _on_grad(self, p: torch.Tensor) -> None:
+        if self.holding():
+            return
         b, i = self.where[id(p)]
         if b.ready[i] and b.work is not None:
             raise DistributedError(
