@@ -334,6 +334,6 @@ def test_a_nan_in_one_ranks_gradient_shard_stops_every_rank(runs):
     assert runs["poisoned"]["returncode"] != 0
     # Rank 0's own shard is finite, yet it raises too, naming the parameter and the rank holding the NaN.
     for rank in range(2):
-        assert f"[rank{rank}]: torchslim.learning.NumericsError: step 3: NaN or Inf in the gradient shards " \
+        assert f"[rank{rank}]: torchslim.numerics.NumericsError: step 3: NaN or Inf in the gradient shards " \
                "of parameters (rank 1: 0.weight)" in log, log
     assert sharded_checkpoint.sharded_checkpoints(runs["poisoned"]["logdir"]) == []

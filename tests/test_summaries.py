@@ -636,8 +636,9 @@ def test_train_resumed_from_checkpoint_appends_without_duplicates(tmp_path):
     assert [e.step for e in acc.Scalars("losses/total_loss")] == list(range(1, 10))
 
 
-# The train op's own regions (create_train_op, the train-op engineer's side) appear in traced steps once merged.
+# The parts of a step as named regions: the train op's own, then what the Supervisor does after it.
 TRAIN_OP_REGIONS = ("torchslim/loss", "torchslim/backward", "torchslim/gradients", "torchslim/optimizer", "torchslim/update_ops")
+AFTER_STEP_REGIONS = ("torchslim/summaries", "torchslim/checkpoint")
 
 
 def test_train_traces_the_steps_starting_at_global_steps_0_n_2n(tmp_path):
@@ -655,8 +656,24 @@ def test_train_traces_the_steps_starting_at_global_steps_0_n_2n(tmp_path):
     for s in (0, 2, 4):
         names = {e.get("name", "") for e in _trace_events(summaries.trace_file(str(tmp_path), s))}
         assert any("addmm" in n or "linear" in n for n in names), sorted(names)[:20]
-        present = [r for r in TRAIN_OP_REGIONS if r in names]
-        assert present in ([], list(TRAIN_OP_REGIONS)), present  # all of them once the train op names its parts
+        missing = [r for r in TRAIN_OP_REGIONS if r not in names]
+        assert not missing, missing
+        assert not [r for r in AFTER_STEP_REGIONS if r in names]  # nothing was due on these steps
+
+
+def test_a_traced_step_shows_the_summaries_and_checkpoint_written_after_it(tmp_path):
+    slim = pytest.importorskip("torchslim.learning")
+
+    model, data = _tiny_problem()
+    op = slim.create_train_op(
+        lambda b: torch.nn.functional.cross_entropy(model(b[0]), b[1]), torch.optim.SGD(model.parameters(), lr=0.1)
+    )
+    slim.train(op, str(tmp_path), data=data, number_of_steps=3, trace_every_n_steps=2,
+               **_train_kwargs(save_summaries_steps=1, save_interval_steps=1))
+    for s in (0, 2):
+        names = {e.get("name", "") for e in _trace_events(summaries.trace_file(str(tmp_path), s))}
+        missing = [r for r in TRAIN_OP_REGIONS + AFTER_STEP_REGIONS if r not in names]
+        assert not missing, missing
 
 
 # ------------------------------------------------------------------ encoding details

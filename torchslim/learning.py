@@ -352,9 +352,9 @@ def train(
         save_summaries_steps=save_summaries_steps,
         ignore_live_threads=ignore_live_threads,
     )
-    if trace_every_n_steps is not None and logdir is not None and sv.is_chief:  # only the chief writes files
-        kwargs.setdefault("trace_every_n_steps", trace_every_n_steps)
-        kwargs.setdefault("logdir", str(logdir))
+    # The loop traces whole steps (the train op, then the summaries and checkpoint due after it); only the
+    # chief writes files. A train_step_fn still traces by itself when train_step_kwargs ask it to.
+    trace_every = trace_every_n_steps if logdir is not None and sv.is_chief else None
     total_loss = None
     with _progress.console_logging(), shown, sv:
         if number_of_steps is not None and train_op.step >= number_of_steps:
@@ -386,8 +386,15 @@ def train(
                 break
             if wants_summaries is not None:
                 train_op.record_summaries = wants_summaries(train_op.step + 1)
-            total_loss, should_stop = train_step_fn(train_op, batch, gs, kwargs)
-            after_step(total_loss)
+            if trace_every is not None and train_op.step % trace_every == 0:  # TF-Slim's steps 0, N, 2N, ...
+                from torchslim import summaries
+
+                with summaries.trace_step(logdir, train_op.step):  # type: ignore[arg-type]  # not None here
+                    total_loss, should_stop = train_step_fn(train_op, batch, gs, kwargs)
+                    after_step(total_loss)
+            else:
+                total_loss, should_stop = train_step_fn(train_op, batch, gs, kwargs)
+                after_step(total_loss)
             if tick is not None:
                 tick(train_op.step, total_loss)
             if should_stop:

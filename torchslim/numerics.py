@@ -60,6 +60,7 @@ class NumericsFlags:
         self._groups: dict[torch.device, _Group] = {}
         self._main: _Group | None = None
         self._fused = True
+        self._sharded: bool | None = None  # DTensor (FSDP2) gradients: decided at the first update
 
     @property
     def found_inf(self) -> torch.Tensor | None:
@@ -77,6 +78,10 @@ class NumericsFlags:
     def update(self, tensors: list[torch.Tensor]) -> None:
         if not tensors:
             return
+        if self._sharded is None:
+            self._sharded = any(hasattr(t, "to_local") for t in tensors)
+        if self._sharded:  # check the shards this rank holds (torchslim.fsdp combines the ranks' flags)
+            tensors = [t.to_local() if hasattr(t, "to_local") else t for t in tensors]
         if self._fused:
             group = self._main or self._group(tensors[0].device)
             try:

@@ -403,6 +403,12 @@ class Supervisor:
 
     def save(self, block: bool = True) -> str | None:
         """Checkpoints the current state now (chief only); off-thread unless ``block``."""
+        if torch.autograd._profiler_enabled():  # a traced step shows the save as its own region
+            with torch.profiler.record_function("torchslim/checkpoint"):
+                return self._save(block)
+        return self._save(block)
+
+    def _save(self, block: bool) -> str | None:
         if getattr(self.replica, "sharded", False):  # FSDP2: a collective sharded save on every rank
             return self.replica.save(self, block)
         # Every replica hands the chief its own RNG streams and data position (torchslim.replicas).
