@@ -380,7 +380,8 @@ def test_sparse_embedding_trains_with_clipping_and_multipliers_like_the_dense_on
         torch.testing.assert_close(final[True][k], final[False][k], rtol=0, atol=1e-6)
 
 
-def test_a_nan_in_a_sparse_gradient_is_named():
+def test_a_nan_in_a_sparse_gradient_is_named(caplog):
+    caplog.set_level(logging.INFO, logger="torchslim")  # a shown log line reads the numerics flag at its step
     idx, y = _bag_data()
     model = Bag(True)
 

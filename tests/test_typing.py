@@ -59,7 +59,7 @@ def test_mypy_sees_torchslim_types_through_the_lazy_package(tmp_path):
     out = proc.stdout
     revealed = re.findall(r"^user\.py:(\d+): note: Revealed type is \"(.*)\"$", out, re.M)
     assert [t for _, t in revealed][:4] == [
-        "torchslim.learning.TrainOp", "torchslim.learning.TrainOp", "float | None", "str | None"], out
+        "torchslim.train_op.TrainOp", "torchslim.train_op.TrainOp", "float | None", "str | None"], out
     assert "def (checkpoint_path:" in revealed[4][1], out   # a function with its signature, not Any
     errors = re.findall(r"^user\.py:(\d+): error: (.*)$", out, re.M)
     assert [int(line) for line, _ in errors] == [25, 26], out
