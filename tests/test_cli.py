@@ -150,6 +150,12 @@ def test_inspect_a_corrupted_checkpoint_exits_1(demo_run, tmp_path, subprocess_e
     assert "integrity: CORRUPT" in result.stdout and "truncated" in result.stdout
 
 
+def test_inspect_argument_errors_take_one_line(capsys):
+    assert cli.main(["inspect"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and err.startswith("torchslim inspect: error: the following arguments are required")
+
+
 def test_inspect_a_missing_checkpoint_exits_1(tmp_path, capsys):
     assert cli.main(["inspect", str(tmp_path / "model.ckpt-5.pt")]) == 1
     assert "does not exist" in capsys.readouterr().err

@@ -34,7 +34,6 @@ believed), and a malformed index is rebuilt from the files with one warning.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import math
@@ -626,7 +625,9 @@ def _describe(prefix: str, value: Any, out: list[str]) -> None:
 
 def inspect_main(argv: list[str]) -> int:
     """``torchslim inspect CHECKPOINT``: step, tensors and integrity; exit 1 when corrupt."""
-    parser = argparse.ArgumentParser(
+    from torchslim.cli import ArgumentParser  # errors in one line, as every torchslim command
+
+    parser = ArgumentParser(
         prog="torchslim inspect",
         description="Show a checkpoint's global step and tensors, and check its integrity.",
     )
