@@ -45,6 +45,7 @@ import torch.distributed as dist
 from torchslim import checkpoint as _checkpoint
 from torchslim import sharded_checkpoint as _sharded
 from torchslim import triggers as _triggers
+from torchslim.replicas import elect_chief
 
 __all__ = ["FSDPReplica", "is_fully_sharded"]
 
@@ -161,17 +162,7 @@ class FSDPReplica:
         self.sync_optimizers = list(sync_optimizers)
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
-        mine = self.rank == 0 if is_chief is None else bool(is_chief)
-        flags: list[Any] = [None] * self.world_size
-        dist.all_gather_object(flags, mine)
-        chiefs = [r for r, f in enumerate(flags) if f]
-        if len(chiefs) != 1:
-            raise ValueError(
-                f"exactly one rank must be the chief, but is_chief is True on ranks {chiefs}; "
-                "leave is_chief=None (rank 0 is the chief) or set it True on one rank only"
-            )
-        self.chief_rank = chiefs[0]
-        self.is_chief = mine
+        self.chief_rank, self.is_chief = elect_chief(is_chief, self.rank, self.world_size)
         self.sharded = True  # the Supervisor hands its saves to this replica
         self.saver: _sharded.ShardedSaver | None = None
         self._trigger: _AgreedTrigger | None = None

@@ -161,6 +161,23 @@ def _buffer_groups(module: torch.nn.Module) -> list[list[torch.Tensor]]:
     return list(groups.values())
 
 
+def elect_chief(is_chief: bool | None, rank: int, world_size: int) -> tuple[int, bool]:
+    """``(chief's rank, whether this rank is it)``, agreed by every rank (a collective); one chief or an error."""
+    mine = rank == 0 if is_chief is None else bool(is_chief)
+    flags: list[Any] = [None] * world_size
+    try:
+        dist.all_gather_object(flags, mine)
+    except Exception as e:
+        raise _collective_error("choosing the chief", None, e) from e
+    chiefs = [r for r, f in enumerate(flags) if f]
+    if len(chiefs) != 1:
+        raise ValueError(
+            f"exactly one replica must be the chief, but is_chief is True on ranks {chiefs}; "
+            "leave is_chief=None (rank 0 is the chief) or set it True on one rank only"
+        )
+    return chiefs[0], mine
+
+
 class GroupReplica(Replica):
     """A replica in a torch.distributed process group: synchronous, or the user's own DDP model.
 
@@ -172,20 +189,7 @@ class GroupReplica(Replica):
         self.train_op = train_op
         self.rank = dist.get_rank()
         self.world_size = dist.get_world_size()
-        mine = self.rank == 0 if is_chief is None else bool(is_chief)
-        flags: list[Any] = [None] * self.world_size
-        try:
-            dist.all_gather_object(flags, mine)
-        except Exception as e:
-            raise _collective_error("choosing the chief", None, e) from e
-        chiefs = [r for r, f in enumerate(flags) if f]
-        if len(chiefs) != 1:
-            raise ValueError(
-                f"exactly one replica must be the chief, but is_chief is True on ranks {chiefs}; "
-                "leave is_chief=None (rank 0 is the chief) or set it True on one rank only"
-            )
-        self.chief_rank = chiefs[0]
-        self.is_chief = mine
+        self.chief_rank, self.is_chief = elect_chief(is_chief, self.rank, self.world_size)
         self.sync_optimizers = sync_optimizers
         self.averagers: list[_GradientAverager] = []
         self._managed: _GradientAverager | None = None  # the averager the train op waits for
