@@ -751,6 +751,57 @@ def test_histogram_buckets_follow_tensorflows_definition(tmp_path):
     assert hv.sum_squares == pytest.approx((values * values).sum().item())
 
 
+def _tf_histogram(values: list[float]) -> tuple[list[float], list[int]]:
+    """TF's buckets for ``values``, one value at a time: the kept limits and their counts."""
+    limits = summary_writer.BUCKET_LIMITS
+    counts = [0] * len(limits)
+    for v in values:
+        counts[next((i for i, x in enumerate(limits) if x > v), len(limits) - 1)] += 1  # DBL_MAX: the last
+    first = next(i for i, c in enumerate(counts) if c)
+    kept = [i for i in range(first, len(limits)) if counts[i] or (i + 1 < len(limits) and counts[i + 1])]
+    return [limits[i] for i in kept], [counts[i] for i in kept]
+
+
+def test_histograms_of_many_writes_each_follow_tensorflows_definition(tmp_path):
+    # The writer thread takes writes in batches and computes their histograms together: each must still be its own.
+    torch.manual_seed(0)
+    limits = torch.tensor(summary_writer.BUCKET_LIMITS[1:-1], dtype=torch.float64)
+    tensors = {
+        "tiny": torch.randn(50, dtype=torch.float64) * 1e-13,
+        "weights": torch.randn(4, 8) * 0.1,
+        "huge": torch.randn(30, dtype=torch.float64) * 1e25,
+        "on_limits": torch.cat([limits[::97], -limits[::89], torch.tensor([0.0, 1.7976931348623157e308, 5e-324], dtype=torch.float64)]),
+        "ints": torch.arange(-5, 6),
+    }
+    records = [summaries.add_histogram_summary(t, name) for name, t in tensors.items()]
+    expected: dict[str, list[tuple[list[float], list[int]]]] = {name: [] for name in tensors}
+    with summaries.SummaryWriter(str(tmp_path)) as writer:
+        for step in range(1, 6):
+            for name, t in tensors.items():
+                t.neg_() if step % 2 else t.add_(step)  # new values each step; the writer reads its own copies
+                expected[name].append(_tf_histogram(t.double().reshape(-1).tolist()))
+            writer.write(step, records)
+            if step == 2:
+                writer.flush()
+    events = read_events(str(tmp_path))
+    for name in tensors:
+        got = events.Histograms(name)
+        assert [h.step for h in got] == [1, 2, 3, 4, 5]
+        assert [(list(h.histogram_value.bucket_limit), [int(c) for c in h.histogram_value.bucket]) for h in got] == expected[name]
+
+
+def test_an_empty_histogram_is_written_as_tensorflow_writes_one(tmp_path):
+    # add_histogram_summary refuses an empty tensor; a SummaryRecord made by hand can still hold one.
+    records = [summary_writer.SummaryRecord("empty", "histogram", torch.zeros(0)), summaries.add_histogram_summary(torch.ones(3), "ones")]
+    with summaries.SummaryWriter(str(tmp_path)) as writer:
+        writer.write(1, records)
+    events = read_events(str(tmp_path))
+    (empty,) = events.Histograms("empty")
+    hv = empty.histogram_value
+    assert (hv.num, hv.min, hv.max, list(hv.bucket)) == (0, np.finfo(np.float64).max, -np.finfo(np.float64).max, [])
+    assert list(events.Histograms("ones")[0].histogram_value.bucket) == [3]
+
+
 # ------------------------------------------------------------------ the writer thread's bounds
 class _HungHandler(logging.Handler):
     """A logging handler that blocks until released: what a log shipper to a dead server does."""
