@@ -203,18 +203,59 @@ def test_one_rank_fsdp_trains_resumes_exactly_and_loads_into_a_plain_model(one_r
         assert torch.equal(p, straight.state_dict()[name].full_tensor()), name
 
 
-@pytest.mark.parametrize("check_numerics", [True, False], ids=["carried-by-the-numerics-flag", "own-broadcast"])
-def test_time_based_saves_happen_on_the_step_after_the_chief_decides(one_rank_group, tmp_path, check_numerics):
+@pytest.mark.parametrize(("check_numerics", "saved"), [(True, [4, 5]), (False, [3, 4, 5])],
+                         ids=["carried-by-the-numerics-flags", "own-broadcast"])
+def test_time_based_saves_happen_steps_after_the_chief_decides(one_rank_group, tmp_path, monkeypatch,
+                                                               check_numerics, saved):
+    monkeypatch.setattr(fsdp.FSDPReplica, "numerics_every_n_steps", 1)  # the flags carry a decision every step
     model = _sharded_mlp()
     op = slim.learning.create_train_op(lambda b: torch.nn.functional.mse_loss(model(b[0]), b[1]),
                                        torch.optim.SGD(model.parameters(), lr=0.1), model=model,
                                        check_numerics=check_numerics)
     saver = slim.checkpoint.Saver(max_to_keep=None)
-    # Every step is due once the clock started (at step 1); the agreed decision of step n acts at n + 1.
+    # Every step is due once the clock started (at step 1). The decision of step n acts at n + 1 through its
+    # own broadcast, at n + 2 when the next step's numerics flags carry it (read one step later); 5 is the end.
     slim.learning.train(op, str(tmp_path), data=slim.data.repeat(_data()), number_of_steps=5, log_every_n_steps=0,
                         save_interval_secs=1e-9, save_summaries_secs=None, saver=saver)
     steps = [checkpoint.checkpoint_step(p) for p in sharded_checkpoint.sharded_checkpoints(str(tmp_path))]
-    assert steps == [3, 4, 5]
+    assert steps == saved
+
+
+@pytest.mark.parametrize("read", ["sync_numerics", "every-4-steps", "check_pending_numerics"])
+def test_a_nan_in_a_gradient_shard_is_named_with_its_step_and_what_happened_to_the_weights(
+        one_rank_group, monkeypatch, read):
+    model = _sharded_mlp()
+    op = slim.learning.create_train_op(lambda b: torch.nn.functional.mse_loss(model(b[0]), b[1]),
+                                       torch.optim.SGD(model.parameters(), lr=0.1), model=model)
+    op.sync_numerics = read == "sync_numerics"
+    monkeypatch.setattr(fsdp.FSDPReplica, "numerics_every_n_steps", 4)
+
+    def poison(params):
+        if op.step + 1 == 3:
+            params[2].grad.to_local().view(-1)[0] = float("nan")
+
+    op.after_backward.insert(0, poison)
+    replica = slim.distributed.prepare(op)
+    batches = iter(_data())
+    op(next(batches)), op(next(batches))
+    before = {n: p.full_tensor().clone() for n, p in model.named_parameters()}
+    named = r"step 3: NaN or Inf in the gradient shards of parameters \(rank 0: '?2.weight'?\) "
+    if read == "sync_numerics":  # read before the update: the step does not run
+        with pytest.raises(slim.learning.NumericsError, match=named + r"\(weights left as they were"):
+            op(next(batches))
+        assert all(torch.equal(p.full_tensor(), before[n]) for n, p in model.named_parameters())
+    elif read == "every-4-steps":  # combined at step 4, read before step 5 runs any collective
+        op(next(batches)), op(next(batches))
+        assert not torch.isfinite(model[2].weight.full_tensor()).all()
+        with pytest.raises(slim.learning.NumericsError, match=named + r"\(read at step 4: the updates from step 3"):
+            op(next(batches))
+        assert op.step == 4
+    else:  # a log, a save or the end reads at once, before the weight check
+        op(next(batches))
+        with pytest.raises(slim.learning.NumericsError, match=named + r"\(read at step 3: the updates from step 3"):
+            op.check_pending_numerics()
+    replica.close()
+    assert op.before_step == [] and op.before_numerics_read == [] and not op.gradients_checked_by_hooks
 
 
 def test_docstring_examples_run():
@@ -332,8 +373,9 @@ def test_a_two_rank_checkpoint_loads_at_world_size_one_for_evaluate_once_and_ins
 def test_a_nan_in_one_ranks_gradient_shard_stops_every_rank(runs):
     log = runs["poisoned"]["log"]
     assert runs["poisoned"]["returncode"] != 0
-    # Rank 0's own shard is finite, yet it raises too, naming the parameter and the rank holding the NaN.
+    # Rank 0's own shard is finite, yet it raises too, naming the parameter and the rank holding the NaN
+    # at step 3 (by step 4 every rank's loss is NaN); the save due at step 4 read it first, and wrote nothing.
     for rank in range(2):
         assert f"[rank{rank}]: torchslim.numerics.NumericsError: step 3: NaN or Inf in the gradient shards " \
-               "of parameters (rank 1: 0.weight)" in log, log
+               "of parameters (rank 1: 0.weight) (read at step 4: the updates from step 3 on were applied" in log, log
     assert sharded_checkpoint.sharded_checkpoints(runs["poisoned"]["logdir"]) == []

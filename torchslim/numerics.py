@@ -148,6 +148,7 @@ class NumericsChecks:
     _last_loss: torch.Tensor | None
     _params: list[torch.Tensor]
     _device_skip: bool
+    before_numerics_read: list[Callable[[], Any]]
 
     @property
     def step(self) -> int:
@@ -198,7 +199,11 @@ class NumericsChecks:
             ...     torch.optim.SGD(net.parameters(), lr=0.1), global_step=slim.learning.GlobalStep(), model=net)
             >>> _ = op(); op.check_pending_numerics()
         """
-        if not self.check_numerics or self._checked_step == self.step:
+        if not self.check_numerics:
+            return
+        for hook in self.before_numerics_read:
+            hook()
+        if self._checked_step == self.step:
             return
         count = self._flags.read()
         if count:

@@ -180,6 +180,11 @@ class TrainOp(NumericsChecks):
         self.last_step: dict[str, list[Any]] = {}
         # Called with the list of trained parameters after backward (distributed gradient averaging).
         self.after_backward: list[Callable[[list[torch.Tensor]], Any]] = []
+        # Called at the start of every call, and before check_pending_numerics reads the flag: a replica
+        # that checks numerics across ranks (torchslim.fsdp) reads the previous step's combined flag there.
+        self.before_step: list[Callable[[], Any]] = []
+        self.before_numerics_read: list[Callable[[], Any]] = []
+        self.gradients_checked_by_hooks = False  # True: an after_backward hook checks loss and gradients instead
         self._no_batch = NO_BATCH
         self._params = variables_to_train if variables_to_train is not None else [
             p for group in optimizer.param_groups for p in group["params"]
@@ -209,6 +214,8 @@ class TrainOp(NumericsChecks):
     # -- one step --------------------------------------------------------------------------------
 
     def __call__(self, batch: Any = _OMITTED) -> torch.Tensor:
+        for hook in self.before_step:
+            hook()
         region = _region if _profiling() else _no_region
         n = self.batches_per_step
         if n == 1:
@@ -279,6 +286,8 @@ class TrainOp(NumericsChecks):
         params = self._params
         scaler = self.grad_scaler
         with region("torchslim/gradients"):
+            if self.check_numerics:
+                self._last_loss = loss
             for hook in self.after_backward:
                 hook(params)
             if scaler is not None:
@@ -298,8 +307,7 @@ class TrainOp(NumericsChecks):
             if self.clip_gradient_norm > 0:
                 clip_by_norm_(grads, self.clip_gradient_norm)
             skip = deferred = False
-            if self.check_numerics:
-                self._last_loss = loss
+            if self.check_numerics and not self.gradients_checked_by_hooks:
                 if scaler is not None or self.record_summaries or self.sync_numerics:
                     skip = self._check_now(loss, grads)
                 else:
