@@ -516,3 +516,30 @@ def test_profiler_regions_appear_only_while_a_trace_is_recorded(monkeypatch):
     monkeypatch.setattr(torch.profiler, "record_function", lambda name: made.append(name) or real(name))
     op((x, y))
     assert made == []
+
+
+def test_the_plain_step_and_the_profiled_step_update_the_same_way():
+    # One step takes the one-frame path, the other (under a profiler) the general one: both the same update.
+    runs = []
+    for profiled in (False, True):
+        slim.collections.reset()
+        torch.manual_seed(0)
+        model = Logistic()
+        x, y = logistic_points()
+        op = slim.learning.create_train_op(bce(model), torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                                           clip_gradient_norm=0.5)
+        losses = []
+        for _ in range(3):
+            if profiled:
+                with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]):
+                    losses.append(op((x, y)))
+            else:
+                losses.append(op((x, y)))
+        runs.append((losses, [p.detach().clone() for p in model.parameters()], op.step))
+    (plain_losses, plain_params, plain_step), (prof_losses, prof_params, prof_step) = runs
+    assert plain_step == prof_step == 3
+    assert all(torch.equal(a, b) for a, b in zip(plain_losses, prof_losses))
+    assert all(torch.equal(a, b) for a, b in zip(plain_params, prof_params))
+    with pytest.raises(ValueError, match=r"total_loss must return a scalar tensor, got a tensor of shape \(2,\)"):
+        slim.learning.create_train_op(lambda: torch.ones(2, requires_grad=True),
+                                      torch.optim.SGD(model.parameters(), lr=0.1))()
