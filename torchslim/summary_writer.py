@@ -29,13 +29,17 @@ so the writer is a thread. It wakes once a second (or when its queue is half
 full, or for a flush or close) and takes every queued write at once: all the
 histograms of that batch are one computation of about 25 torch ops
 (``event_file._histogram_protos``) instead of ~25 ops per histogram, and the
-training thread loses the GIL once a second instead of once a write. In
-``benchmarks/summaries_overhead.py`` (2000 steps, 5 rounds, 2-core VM) that
-took the summary run from 0.58x to 0.65x (0.53-0.72) of the no-summary run at
-1 torch thread and from 0.26x to 0.61x (0.49-0.72) at 2, and to 2.6x and 2.1x
-a hand loop calling ``torch.utils.tensorboard.SummaryWriter``. What is left is
-the histogram arithmetic itself (about 1.2-1.6 ms for 4 parameters, mostly
-``bucketize``) competing with training for 2 cores.
+training thread loses the GIL once a batch instead of once a write. On
+``benchmarks/summaries_overhead.py`` (2000 steps, 5 rounds, 2-core VM,
+2026-12-03) the summary run is 0.86x (0.75-0.88) the no-summary run at 1
+torch thread and 0.60x (0.56-0.83) at 2, and 2.4x and 1.7x a hand loop calling
+``torch.utils.tensorboard.SummaryWriter``. Taken apart at 1 thread: with the
+writer's work dropped, 0.96x; with the histograms replaced by a cached
+result, 0.875x. So the histogram arithmetic costs about 1.5%, the writer's
+other Python (protos, framing) taking the GIL about 9%, the training
+thread's own share (snapshots, scalars) about 4%. At 2 threads any work
+beside training stalls its 2-thread OpenMP regions on 2 cores (and
+``torch.set_num_threads`` is process-wide, so the writer can't run on one).
 
 Every wait on the writer is bounded by ``timeout`` seconds
 (default :data:`DEFAULT_TIMEOUT`): a write that finds the queue full, a
