@@ -203,19 +203,22 @@ def test_one_rank_fsdp_trains_resumes_exactly_and_loads_into_a_plain_model(one_r
         assert torch.equal(p, straight.state_dict()[name].full_tensor()), name
 
 
-@pytest.mark.parametrize(("check_numerics", "saved"), [(True, [4, 5]), (False, [3, 4, 5])],
-                         ids=["carried-by-the-numerics-flags", "own-broadcast"])
+@pytest.mark.parametrize(("check_numerics", "every", "steps", "saved"), [
+    (True, 1, 5, [4, 5]), (True, 5, 12, [6, 7, 8, 9, 10, 11, 12]), (False, 5, 5, [3, 4, 5])],
+    ids=["carried-by-the-flags-combined-every-step", "carried-by-the-flags-combined-every-5", "own-broadcast"])
 def test_time_based_saves_happen_steps_after_the_chief_decides(one_rank_group, tmp_path, monkeypatch,
-                                                               check_numerics, saved):
-    monkeypatch.setattr(fsdp.FSDPReplica, "numerics_every_n_steps", 1)  # the flags carry a decision every step
+                                                               check_numerics, every, steps, saved):
+    monkeypatch.setattr(fsdp.FSDPReplica, "numerics_every_n_steps", every)
     model = _sharded_mlp()
     op = slim.learning.create_train_op(lambda b: torch.nn.functional.mse_loss(model(b[0]), b[1]),
                                        torch.optim.SGD(model.parameters(), lr=0.1), model=model,
                                        check_numerics=check_numerics)
     saver = slim.checkpoint.Saver(max_to_keep=None)
-    # Every step is due once the clock started (at step 1). The decision of step n acts at n + 1 through its
-    # own broadcast, at n + 2 when the next step's numerics flags carry it (read one step later); 5 is the end.
-    slim.learning.train(op, str(tmp_path), data=slim.data.repeat(_data()), number_of_steps=5, log_every_n_steps=0,
+    # Every step is due once the clock started (at step 1). Through its own broadcast the decision of step n
+    # acts at n + 1. Carried, it waits for the next combine of the numerics flags (every `every` steps, and
+    # in each save), and acts at the step after: the chief's 'save' of step 2 is carried at step 5 and acts
+    # at 6, and each save's combine carries the next one. The last step is the final save.
+    slim.learning.train(op, str(tmp_path), data=slim.data.repeat(_data()), number_of_steps=steps, log_every_n_steps=0,
                         save_interval_secs=1e-9, save_summaries_secs=None, saver=saver)
     steps = [checkpoint.checkpoint_step(p) for p in sharded_checkpoint.sharded_checkpoints(str(tmp_path))]
     assert steps == saved

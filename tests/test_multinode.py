@@ -96,8 +96,10 @@ def test_both_nodes_resume_together_after_one_nodes_worker_is_killed(
         assert agent.returncode == 0, log
     assert any("rank 1: killing myself before step 25" in log for log in logs), logs
     outs = [torch.load(str(tmp_path / f"out.rank{rank}.pt")) for rank in range(2)]
-    # torchrun's restart counter is per node: 1 where the worker died, 0 on the other; the round met anyway.
-    assert sorted(out["restarts"] for out in outs) == [0, 1]
+    # torchrun's restart counter is per node: 1 where the worker died; on the other node 0 when its agent saw
+    # the new round first, 1 when its worker first failed on the dead peer (a loaded machine). The round met
+    # either way: the restart's store keys come from the rendezvous, not from these counters.
+    assert sorted(out["restarts"] for out in outs) in ([0, 1], [1, 1])
     for out in outs:
         assert (out["step"], out["world"]) == (50, 2)
         assert_params_close(out["params"], baseline["params"])  # resumed from step 20 on both nodes

@@ -31,7 +31,8 @@ instead of the synchronous replica of ``slim.distributed``:
   the step, the rank and the parameter, and no step waits on it. The updates
   since the bad step were applied then, and no checkpoint holds them (every
   save reads first); the train op's ``sync_numerics=True`` combines before
-  every update instead, so a bad step does not run. Measured: an all-reduce
+  every update instead, so a bad step does not run. The chief's time-based
+  save decision rides on the same all-reduce. Measured: an all-reduce
   of the flags on every step made the FSDP2 benchmark 0.85-0.88x a raw loop;
   combined every 100 steps, 0.97x (0.94-0.98; ``benchmarks/distributed_overhead.py --fsdp``);
 - checkpoints are sharded (:mod:`torchslim.sharded_checkpoint`): every rank
@@ -100,12 +101,14 @@ def _only_steps(trigger: Any) -> bool:
 class _AgreedTrigger(_triggers.Trigger):
     """The chief's time-based trigger, agreed by every rank.
 
-    With ``check_numerics`` the chief's answer rides on the numerics flags
-    of the next step, which every rank reads one step later (``carrier``):
-    the chief's answer at step n acts at step n + 2. Otherwise it travels in
-    an asynchronous 1-element broadcast launched at step n and waited for at
-    step n + 1. Either way no rank waits on it, and no collective is added
-    to a step that has one.
+    With ``check_numerics`` the chief's 'save' is kept until the ranks next
+    combine their numerics flags (every ``numerics_every_n_steps`` steps, or
+    where the loop reads numerics), rides on that all-reduce, and acts at
+    the step after it is read (``carrier``): at most
+    ``numerics_every_n_steps + 1`` steps after the chief said it. Otherwise
+    it travels in an asynchronous 1-element broadcast launched at step n and
+    waited for at step n + 1. Either way no rank waits on it, and no
+    collective is added to a step that has one.
     """
 
     def __init__(self, inner: _triggers.Trigger | None, chief: int, device: torch.device,
@@ -114,12 +117,16 @@ class _AgreedTrigger(_triggers.Trigger):
         self.device = device
         self.chief = chief
         self.carrier = carrier  # step -> the decision that step's numerics flags carried
-        self.decision = 0.0  # the chief's answer, before it is agreed
+        self.decision = 0.0  # the chief's answer, before it is agreed (1.0: 'save')
         self._pending: tuple[Any, torch.Tensor] | None = None
 
     def __call__(self, step: int, t: float | None = None) -> bool:
         due = self.carrier(step - 1) if self.carrier is not None else self.collect()
-        self.decision = 1.0 if self.inner is not None and self.inner(step, t) else 0.0
+        said = self.inner is not None and self.inner(step, t)
+        if self.carrier is None:
+            self.decision = 1.0 if said else 0.0
+        elif said:
+            self.decision = 1.0  # kept until a combine carries it
         if self.carrier is None:
             flag = torch.full((1,), self.decision, device=self.device)
             self._pending = (dist.broadcast(flag, src=self.chief, async_op=True), flag)
@@ -260,6 +267,7 @@ class FSDPReplica:
         trigger = self._trigger
         if trigger is not None and trigger.decision:
             flags[-1] = 0.0  # the chief's 'save'
+            trigger.decision = 0.0
         work = dist.all_reduce(flags, op=dist.ReduceOp.MIN, async_op=not sync)
         if sync or flags.device.type == "cpu":
             host, done = flags, work
