@@ -518,8 +518,8 @@ def test_profiler_regions_appear_only_while_a_trace_is_recorded(monkeypatch):
     assert made == []
 
 
-def test_the_plain_step_and_the_profiled_step_update_the_same_way():
-    # One step takes the one-frame path, the other (under a profiler) the general one: both the same update.
+def test_a_profiled_step_updates_as_an_unprofiled_one():
+    # Under a profiler each phase is a record_function region: the update must be the same as without.
     runs = []
     for profiled in (False, True):
         slim.collections.reset()

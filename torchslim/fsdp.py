@@ -245,12 +245,9 @@ class FSDPReplica:
         A collective, as the weight check that follows it: the loop reads
         numerics at the same steps on every rank.
         """
-        op = self.train_op
-        if self._first is None or self._read_at == op.step:
-            self._collect()
-            return
         self._collect()
-        self._combine(op.step, self._params, sync=True)
+        if self._first is not None and self._read_at != self.train_op.step:
+            self._combine(self.train_op.step, self._params, sync=True)
 
     def _combine(self, step: int, params: list[torch.Tensor], sync: bool) -> None:
         """One all-reduce (MIN) of every rank's first bad steps and the chief's save decision.

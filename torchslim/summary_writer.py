@@ -228,6 +228,8 @@ def _merge_writes(items: list[Any]) -> list[Any]:
         else:
             out.append(item)
     return out
+
+
 _writer_ids = itertools.count(1)
 
 

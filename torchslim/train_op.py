@@ -202,7 +202,6 @@ class TrainOp(NumericsChecks):
             self._loss_fn = torch.compile(total_loss, **(dict(compile) if isinstance(compile, Mapping) else {}))
         self._autocast_dtype = _PRECISIONS[mixed_precision]
         self.grad_scaler = torch.amp.GradScaler(self._device.type) if mixed_precision == "fp16" else None
-        self._plain = self._autocast_dtype is None and self.grad_scaler is None and not self._place
         self._ddp = _ddp_modules([model, total_loss, *modules_of(total_loss).values()]) if accumulate_steps > 1 else []
         self._flags = NumericsFlags()
         self._checked_step = self.step  # numerics known good up to this global step
@@ -223,10 +222,8 @@ class TrainOp(NumericsChecks):
         if self.before_step:
             for hook in self.before_step:
                 hook()
-        n = self.batches_per_step
-        if n == 1 and self._plain and not _profiling():
-            return self._plain_step(self._no_batch if batch is _OMITTED else batch)
         region = _region if _profiling() else _no_region
+        n = self.batches_per_step
         if n == 1:
             micro = [self._no_batch if batch is _OMITTED else batch]
         elif batch is _OMITTED or batch is self._no_batch:
@@ -267,31 +264,6 @@ class TrainOp(NumericsChecks):
         assert total is not None
         return total
 
-    def _plain_step(self, batch: Any) -> torch.Tensor:
-        """The common step in one frame: one batch, no profiler regions, autocast, loss scaling or placement.
-
-        The general path of ``__call__`` does the same in more calls; on the
-        benchmark MLP (a 430 us step) they cost 2-5 us more (interleaved
-        blocks of 300 steps, fastest and first quartile).
-        """
-        self.optimizer.zero_grad(set_to_none=True)
-        entries: dict[str, list[Any]] = {}
-        token = _collections._step.set(entries)
-        try:
-            loss = self._loss_fn() if batch is self._no_batch else self._loss_fn(batch)
-            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-                raise _loss_error(loss)
-            if self.variables_to_train is None:
-                loss.backward()
-            else:
-                loss.backward(inputs=self.variables_to_train)
-            loss = loss.detach()
-            self._apply(loss, _no_region)
-        finally:
-            self.last_step = entries
-            _collections._step.reset(token)
-        return loss
-
     def _forward_backward(self, batch: Any, region: Any, n: int) -> torch.Tensor:
         with region("torchslim/loss"):
             if self._place and batch is not self._no_batch:
@@ -327,15 +299,14 @@ class TrainOp(NumericsChecks):
                 if p.grad is None:
                     raise ValueError(f"Requested multiple of `None` gradient (parameter {self._name(p)})")
                 values_of(p.grad).mul_(m)
-            grads = [g for p in params if (g := p.grad) is not None]
-            if any(g.is_sparse for g in grads):
-                grads = []
-                for p in params:
-                    if (g := p.grad) is not None:
-                        if g.is_sparse:
-                            g = p.grad = coalesced(g)
-                            g = g._values()
-                        grads.append(g)
+            grads: list[torch.Tensor] = []
+            for p in params:
+                g = p.grad
+                if g is not None:
+                    if g.is_sparse:
+                        g = p.grad = coalesced(g)
+                        g = g._values()
+                    grads.append(g)
             if self.clip_gradient_norm > 0:
                 clip_by_norm_(grads, self.clip_gradient_norm)
             skip = deferred = False
