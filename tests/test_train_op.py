@@ -413,12 +413,18 @@ def _count_reads(monkeypatch):
     return reads
 
 
+def _device_flags(op):
+    """Makes ``op`` check with the device-side flags, as it does on an accelerator, on the CPU."""
+    op._loss_on_host = False
+    return op
+
+
 @pytest.mark.parametrize("kwargs", [{}, {"clip_gradient_norm": 1.0}, {"gradient_multipliers": {"fc.weight": 2.0}}])
 def test_a_plain_step_reads_nothing_back_to_the_host(monkeypatch, kwargs):
     model = Logistic()
     x, y = logistic_points()
     op = slim.learning.create_train_op(bce(model), torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), **kwargs)
-    op((x, y))  # the first step makes the flags
+    _device_flags(op)((x, y))  # the first step makes the flags
     reads = _count_reads(monkeypatch)
     for _ in range(3):
         op((x, y))
@@ -437,9 +443,57 @@ def test_deferred_check_names_the_first_bad_step_when_read_at_the_end():
         loss = bce(model)(batch)
         return loss * float("nan") if len(calls) == 5 else loss
 
-    op = slim.learning.create_train_op(total_loss, torch.optim.SGD(model.parameters(), lr=0.1), model=model)
+    op = _device_flags(slim.learning.create_train_op(total_loss, torch.optim.SGD(model.parameters(), lr=0.1), model=model))
     with pytest.raises(NumericsError, match=r"step 5: the loss or a gradient first held NaN or Inf \(read at step 10"):
         slim.learning.train(op, None, data=[(x, y)] * 10, log_every_n_steps=0)
+
+
+def _nan_at_call_5(model):
+    """A loss NaN at its 5th call, and the weights seen at the start of each call."""
+    calls, snapshots = [], {}
+
+    def total_loss(batch):
+        calls.append(1)
+        snapshots[len(calls)] = state_of(model)
+        loss = bce(model)(batch)
+        return loss * float("nan") if len(calls) == 5 else loss
+
+    return total_loss, snapshots
+
+
+def test_on_the_cpu_each_step_reads_only_its_loss_and_stops_before_a_bad_update(monkeypatch):
+    model = Logistic()
+    x, y = logistic_points()
+    total_loss, snapshots = _nan_at_call_5(model)
+
+    op = slim.learning.create_train_op(total_loss, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model=model)
+    op((x, y))
+    reads = _count_reads(monkeypatch)
+    for _ in range(3):
+        op((x, y))
+    assert reads == ["item"] * 3  # the loss, free on the CPU; no flag kernel over the gradients
+    with pytest.raises(NumericsError, match=r"step 5: the loss '.*total_loss' is nan \(weights left as they were before"):
+        op((x, y))
+    assert op.step == 4
+    for k, v in state_of(model).items():
+        assert torch.equal(v, snapshots[5][k]), k
+
+
+def test_on_the_cpu_a_bad_gradient_is_found_in_the_weights_it_updated():
+    model = Logistic()
+    x, y = logistic_points()
+    op = slim.learning.create_train_op(bce(model), torch.optim.SGD(model.parameters(), lr=0.1), model=model)
+    op((x, y))
+    op.check_pending_numerics()
+    handle = model.fc.weight.register_hook(lambda g: torch.full_like(g, float("inf")))  # a finite loss, an Inf gradient
+    op((x, y))
+    handle.remove()
+    with pytest.raises(NumericsError, match=r"step 2: the gradient of parameter 'fc\.weight' has Inf values \(that update"):
+        op.check_pending_numerics()  # read right after the bad step: its gradient is still there to name
+    # the next step's loss is NaN, made so by the weight: named too
+    with pytest.raises(NumericsError, match=r"step 3: the loss .* is nan because 'fc\.weight' holds Inf values, "
+                                            r"put there by an update at step 2"):
+        op((x, y))
 
 
 def test_a_log_step_reads_the_check_and_names_the_loss(caplog):
@@ -455,20 +509,14 @@ def test_a_log_step_reads_the_check_and_names_the_loss(caplog):
 
     op = slim.learning.create_train_op(total_loss, torch.optim.SGD(model.parameters(), lr=0.1), model=model)
     with pytest.raises(NumericsError, match=r"step 5: the loss '.*total_loss' is nan \(that update was applied"):
-        slim.learning.train(op, None, data=[(x, y)] * 10, log_every_n_steps=1)
+        slim.learning.train(_device_flags(op), None, data=[(x, y)] * 10, log_every_n_steps=1)
     assert op.step == 5
 
 
 def test_a_fused_optimizer_skips_the_bad_steps_on_the_device():
     model = Logistic()
     x, y = logistic_points()
-    calls, snapshots = [], {}
-
-    def total_loss(batch):
-        calls.append(1)
-        snapshots[len(calls)] = state_of(model)
-        loss = bce(model)(batch)
-        return loss * float("nan") if len(calls) == 5 else loss
+    total_loss, snapshots = _nan_at_call_5(model)
 
     opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, fused=True)
     op = slim.learning.create_train_op(total_loss, opt, model=model)
@@ -487,7 +535,8 @@ def test_weights_that_overflow_in_the_optimizer_step_are_never_checkpointed(tmp_
     scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lambda n: 1.0 if n < 2 else 1e39)  # step 3: lr 1e38
     op = slim.learning.create_train_op(lambda b: bce(model)(b) * 1e4, opt, scheduler=scheduler, model=model)
     logdir = str(tmp_path)
-    with pytest.raises(NumericsError, match=r"step (\d+): 'fc\.weight' holds Inf values after step \1 \(loss and") as info:
+    with pytest.raises(NumericsError, match=r"step (\d+): 'fc\.weight' holds Inf values, put there by an update at "
+                                            r"step \1 \(the loss was finite") as info:
         slim.learning.train(op, logdir, data=[(x, y)] * 10, log_every_n_steps=0, save_interval_secs=None,
                             save_interval_steps=1, **NO_SUMMARIES)
     bad = int(str(info.value).split(":")[0].split()[1])

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import math
 import os
 import socket
 import struct
@@ -50,7 +51,16 @@ def _tf_bucket_limits() -> list[float]:
 
 
 BUCKET_LIMITS = _tf_bucket_limits()
-_LIMITS_TENSOR = torch.tensor(BUCKET_LIMITS, dtype=torch.float64)
+
+
+_LIMITS = np.array(BUCKET_LIMITS)
+_N = (len(BUCKET_LIMITS) - 3) // 2  # limits above 0 and below DBL_MAX: 1e-12, 1.1e-12, ... < 1e20
+_LOG_FIRST, _LOG_RATIO = math.log(BUCKET_LIMITS[_N + 2]), math.log(1.1)
+# The bucket of v is estimated from log|v| in float32 and looked up exactly when the estimate lies within
+# this fraction of a bucket of a limit (float32's log is off by < 2e-5 of a bucket here).
+_NEAR = 1e-3
+# Histograms are computed together up to this many values and tensors (memory stays bounded).
+_GROUP_VALUES, _GROUP_ROWS = 1 << 20, 1024
 
 
 def _histogram_protos(named: list[tuple[str, torch.Tensor]]) -> list[Any]:
@@ -58,55 +68,119 @@ def _histogram_protos(named: list[tuple[str, torch.Tensor]]) -> list[Any]:
     a value v falls in the bucket whose right limit is the first limit > v;
     runs of empty buckets inside the range collapse into their last one.
 
-    This runs on the writer thread while training runs, and what the training
-    thread feels is the GIL changing hands, not the arithmetic: every torch op
-    here lets go of the GIL and takes it back, and each time the training
-    thread waits on a wake-up of the other core. So all the histograms of a
-    batch of writes are one computation of about 25 ops, however many tensors
-    it holds. Measured on ``benchmarks/summaries_overhead.py`` (1 torch
-    thread, this 2-core VM): about 9 ops per histogram made training with
-    summaries 0.61x as fast as without."""
+    This runs on the writer thread while training runs, beside it on the
+    other core or on the cores of its OpenMP threads, which then wait for it,
+    so it is written to cost little CPU: the histograms of a batch of writes
+    are one computation in numpy (one thread, no GIL held in its loops, about
+    1 us a call where a torch op takes 3-5 us on these machines). The limits
+    are geometric, so a bucket is ``ceil(log(|v| / 1e-12) / log(1.1))``
+    counted from the middle, found in a few float32 passes, with an exact
+    ``searchsorted`` for the values within ``_NEAR`` of a limit (and zeros).
+    On 100 tensors of 9,610 values in all (25 writes of the summaries
+    benchmark; this 2-core VM, fastest and median of 30): 19-22 ms as torch ops
+    with torch.bucketize (the version before), 6.2-8.9 ms this way."""
+    protos: list[Any] = []
+    group: list[tuple[str, np.ndarray]] = []
+    filled = 0
+    for tag, values in named:
+        array = (values.float() if values.dtype == torch.bfloat16 else values).numpy().reshape(-1)
+        if array.dtype.kind != "f":  # integers, booleans: exact in float64, as TF converts them
+            array = array.astype(np.float64)
+        if group and (filled + array.size > _GROUP_VALUES or len(group) == _GROUP_ROWS):
+            protos += _group_protos(group)
+            group, filled = [], 0
+        group.append((tag, array))
+        filled += array.size
+    if group:
+        protos += _group_protos(group)
+    return protos
+
+
+def _group_protos(group: list[tuple[str, np.ndarray]]) -> list[Any]:
     from tensorboard.compat.proto.summary_pb2 import HistogramProto
 
-    if not named:
-        return []
-    flat = [values.reshape(-1) for _, values in named]
-    sizes = [t.numel() for t in flat]
-    v = torch.cat(flat).to(torch.float64)
-    lengths = torch.tensor(sizes)
-    stats = torch.stack(
-        [torch.segment_reduce(v, reduce, lengths=lengths) for reduce in ("min", "max", "sum")]
-        + [torch.segment_reduce(v * v, "sum", lengths=lengths)]
-    )
-    if not bool((stats[:2].isfinite().all(0) | (lengths == 0)).all()):  # NaN or +-inf in a min or a max
-        bad = next(tag for (tag, _), t in zip(named, flat) if not bool(t.isfinite().all()))
-        raise ValueError(f"histogram summary {bad!r}: the tensor holds NaN or infinite values")
-    width = len(BUCKET_LIMITS)
-    index = torch.bucketize(v, _LIMITS_TENSOR, right=True).clamp_(max=width - 1)
-    index += torch.repeat_interleave(torch.arange(0, width * len(sizes), width), lengths)
-    counts = torch.bincount(index, minlength=width * len(sizes)).view(len(sizes), width)
-    nonzero = counts > 0
-    keep = nonzero.clone()
-    keep[:, :-1] |= nonzero[:, 1:]  # of a run of empty buckets, the last one
-    keep &= nonzero.cumsum(1) > 0  # but none below the lowest value
-    rows, columns = keep.nonzero(as_tuple=True)
-    kept_per_row, column_list, count_list = keep.sum(1).tolist(), columns.tolist(), counts[rows, columns].tolist()
-    protos, start = [], 0
-    for (lo, hi, total, squares), size, kept in zip(stats.T.tolist(), sizes, kept_per_row):
-        end = start + kept
-        if size == 0:  # TF's empty histogram
+    width, rows = len(BUCKET_LIMITS), len(group)
+    sizes = np.array([a.size for _, a in group])
+    values = np.concatenate([a for _, a in group]) if rows > 1 else group[0][1]
+    filled = sizes > 0
+    starts = (np.cumsum(sizes) - sizes)[filled]
+    stats = np.zeros((4, rows))
+    if starts.size:
+        stats[0, filled] = np.minimum.reduceat(values, starts)
+        stats[1, filled] = np.maximum.reduceat(values, starts)
+        if not (np.isfinite(stats[0]).all() and np.isfinite(stats[1]).all()):  # NaN or +-inf in a min or a max
+            bad = next(tag for tag, a in group if a.size and not np.isfinite(a).all())
+            raise ValueError(f"histogram summary {bad!r}: the tensor holds NaN or infinite values")
+        doubles = values.astype(np.float64)  # a copy (squared in place below): TF sums doubles
+        stats[2, filled] = np.add.reduceat(doubles, starts)
+        stats[3, filled] = np.add.reduceat(np.multiply(doubles, doubles, out=doubles), starts)
+    single = values.astype(np.float32, copy=False)
+    with np.errstate(divide="ignore", invalid="ignore"):  # log(0) = -inf, then -inf - -inf: NaN, looked up
+        est = np.abs(single)
+        np.log(est, out=est)
+        est -= _LOG_FIRST
+        est /= _LOG_RATIO
+        index = np.floor(est)
+        est -= index
+        est -= 0.5
+        near = np.flatnonzero(~(np.abs(est, out=est) <= 0.5 - _NEAR))
+    # the count of positive limits <= |v| (for v < 0: < |v|, the same off a limit), then the bucket from the middle
+    index += 1.5
+    np.clip(index, 0.5, _N + 0.5, out=index)
+    np.copysign(index, single, out=index)  # zeros, and doubles too small for float32, are among `near`
+    index += _N + 1.5
+    if near.size:
+        index[near] = np.minimum(np.searchsorted(_LIMITS, values[near].astype(np.float64), side="right"), width - 1)
+    if rows > 1:  # each tensor counts in its own row of buckets
+        index += np.repeat(np.arange(0, rows * width, width, dtype=np.float32), sizes)
+    counts = np.bincount(index.astype(np.intp), minlength=rows * width)
+    # Kept: the nonempty buckets, and of a run of empty ones inside a row's range its last one, which is
+    # the bucket before a nonempty one that is not its row's first.
+    nonempty = np.flatnonzero(counts)
+    row_of = nonempty // width
+    not_first = np.ones(nonempty.size, dtype=bool)
+    not_first[1:] = row_of[1:] == row_of[:-1]
+    not_first[:1] = False
+    mark = counts > 0
+    mark[nonempty[not_first] - 1] = True
+    kept = np.flatnonzero(mark)
+    per_row = np.bincount(kept // width, minlength=rows)
+    ends = np.cumsum(per_row)
+    limits, kept_counts = _LIMITS[kept % width].astype("<f8"), counts[kept].astype("<f8")  # protobuf's byte order
+    protos = []
+    for r, (lo, hi, total, squares) in enumerate(stats.T.tolist()):
+        if sizes[r] == 0:  # TF's empty histogram
             lo, hi = BUCKET_LIMITS[-1], -BUCKET_LIMITS[-1]
-        protos.append(HistogramProto(
-            min=lo,
-            max=hi,
-            num=size,
-            sum=total,
-            sum_squares=squares,
-            bucket_limit=[BUCKET_LIMITS[c] for c in column_list[start:end]],
-            bucket=count_list[start:end],
-        ))
-        start = end
+        protos.append(HistogramProto.FromString(_histogram_bytes(
+            (lo, hi, float(sizes[r]), total, squares), limits[ends[r] - per_row[r]:ends[r]],
+            kept_counts[ends[r] - per_row[r]:ends[r]],
+        )))
     return protos
+
+
+_DOUBLE_FIELDS = struct.Struct("<BdBdBdBdBd")
+
+
+def _histogram_bytes(scalars: tuple[float, ...], limits: np.ndarray, counts: np.ndarray) -> bytes:
+    """A serialized HistogramProto: min, max, num, sum, sum_squares (doubles, fields 1-5), then
+    bucket_limit and bucket as packed doubles (fields 6 and 7), straight from little-endian float64 arrays.
+
+    Made here and parsed by the proto class rather than built from Python lists: 100 histograms of about
+    100 buckets take 2 ms as lists of floats (the lists and the conversion) and 0.3 ms this way."""
+    head = _DOUBLE_FIELDS.pack(0x09, scalars[0], 0x11, scalars[1], 0x19, scalars[2], 0x21, scalars[3], 0x29, scalars[4])
+    if not limits.size:
+        return head
+    data = limits.tobytes(), counts.tobytes()
+    return b"".join((head, b"\x32", _varint(len(data[0])), data[0], b"\x3a", _varint(len(data[1])), data[1]))
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while n >= 0x80:
+        out.append((n & 0x7F) | 0x80)
+        n >>= 7
+    out.append(n)
+    return bytes(out)
 
 
 def _png(image: np.ndarray) -> bytes:

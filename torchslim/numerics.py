@@ -121,13 +121,17 @@ def non_finite_kinds(t: torch.Tensor) -> str:
     return " and ".join(kinds)
 
 
-def first_non_finite(named: list[tuple[str, torch.Tensor]]) -> tuple[str, str] | None:
+def first_non_finite(named: list[tuple[Any, torch.Tensor]]) -> tuple[Any, str] | None:
     """The first (name, kinds) whose tensor holds NaN or Inf, with one host read for the finite case."""
     floats = [(n, t) for n, t in named if t.is_floating_point()]
     if not floats:
         return None
     norms = torch._foreach_norm([t.detach() for _, t in floats])
-    if bool(torch.isfinite(torch.stack([n.float().to(norms[0].device) for n in norms])).all()):
+    try:
+        stacked = torch.stack(norms)
+    except RuntimeError:  # norms of several dtypes or devices
+        stacked = torch.stack([n.float().to(norms[0].device) for n in norms])
+    if bool(stacked.isfinite().all()):
         return None
     for name, t in floats:
         kinds = non_finite_kinds(t.detach())
@@ -148,6 +152,9 @@ class NumericsChecks:
     _last_loss: torch.Tensor | None
     _params: list[torch.Tensor]
     _device_skip: bool
+    _device: torch.device
+    _loss_on_host: bool | None
+    after_backward: list[Callable[[list[torch.Tensor]], Any]]
     before_numerics_read: list[Callable[[], Any]]
 
     @property
@@ -157,15 +164,51 @@ class NumericsChecks:
     def _name(self, param: torch.Tensor) -> str:
         raise NotImplementedError
 
+    def _loss_read_on_host(self) -> bool:
+        """True where the loss costs nothing to read at once: on the CPU, in one process, with an
+        optimizer that does not skip bad steps on the device. The gradients are then checked through
+        the weights they update (NaN or Inf in a gradient makes the weight NaN or Inf under every
+        torch optimizer), at every read of :meth:`check_pending_numerics` and whenever the loss is
+        not finite; on 4 gradient tensors that is 0.3% of a step instead of 2.7%, which the flag
+        kernel takes on a CPU, where it runs tensor by tensor (instructions counted by callgrind,
+        benchmarks/loop_overhead.py's MLP). Several processes keep the flags: their averaged
+        gradients agree across ranks, a loss read alone does not."""
+        import torch.distributed as dist
+
+        decided = (
+            self._device.type == "cpu" and not self._device_skip and not self.after_backward
+            and not (dist.is_available() and dist.is_initialized())
+        )
+        self._loss_on_host = decided
+        return decided
+
+    def _check_loss_now(self, loss: torch.Tensor) -> None:
+        """The loss read at once (CPU): a NaN or Inf stops before the update, naming a weight already bad."""
+        value = loss.item()
+        if math.isfinite(value):
+            return
+        step = self.step + 1
+        bad = self._first_bad_state()
+        if bad is not None:
+            raise NumericsError(
+                f"step {step}: the loss {callable_name(self.total_loss)!r} is {value} because {bad[0]} holds {bad[1]} "
+                f"values, put there by an update {self._since()} (a gradient with NaN or Inf, or an optimizer step "
+                "that overflowed); no checkpoint holds it: restart from the last checkpoint"
+            )
+        raise NumericsError(
+            f"step {step}: the loss {callable_name(self.total_loss)!r} is {value} (weights left as they were before this step)"
+        )
+
+    def _since(self) -> str:
+        if self._checked_step == self.step - 1:
+            return f"at step {self.step}"
+        return f"between steps {self._checked_step + 1} and {self.step}"
+
     def _check_now(self, loss: torch.Tensor, grads: list[torch.Tensor]) -> bool:
         """The check read at once, before the update; True: an fp16 overflow, skip the update."""
-        self.check_pending_numerics()
+        self._read_pending_flags()  # the weights wait for the next read: this is not one (summary steps)
+        self._check_loss_now(loss)
         step = self.step + 1
-        if not math.isfinite(loss.item()):
-            raise NumericsError(
-                f"step {step}: the loss {callable_name(self.total_loss)!r} is {loss.item()} "
-                "(weights left as they were before this step)"
-            )
         self._flags.update(grads)
         if not self._flags.read():
             return False
@@ -175,12 +218,18 @@ class NumericsChecks:
             return True  # an overflow of the scaled gradients: the scaler skips the step and lowers the scale
         raise self._gradient_error(step, "weights left as they were before this step")
 
-    def _gradient_error(self, step: int, weights: str) -> NumericsError:
+    def _bad_gradient(self) -> tuple[str, str] | None:
         for p in self._params:
             if p.grad is not None:
                 kinds = non_finite_kinds(p.grad)
                 if kinds:
-                    return NumericsError(f"step {step}: the gradient of parameter {self._name(p)} has {kinds} values ({weights})")
+                    return self._name(p), kinds
+        return None
+
+    def _gradient_error(self, step: int, weights: str) -> NumericsError:
+        bad = self._bad_gradient()
+        if bad is not None:
+            return NumericsError(f"step {step}: the gradient of parameter {bad[0]} has {bad[1]} values ({weights})")
         return NumericsError(f"step {step}: a gradient has NaN or Inf values ({weights})")
 
     def check_pending_numerics(self) -> None:
@@ -201,10 +250,16 @@ class NumericsChecks:
         """
         if not self.check_numerics:
             return
+        if self._read_pending_flags():
+            self._check_weights()
+            self._checked_step = self.step
+
+    def _read_pending_flags(self) -> bool:
+        """Raises for a flag set since the last check; False when no step ran since."""
         for hook in self.before_numerics_read:
             hook()
         if self._checked_step == self.step:
-            return
+            return False
         count = self._flags.read()
         if count:
             first = self.step - count + 1
@@ -219,8 +274,7 @@ class NumericsChecks:
                 f"step {first}: the loss or a gradient first held NaN or Inf (read at step {self.step}, "
                 f"when {self._what_is_bad_now()}; {self._weights_note()})"
             )
-        self._check_weights()
-        self._checked_step = self.step
+        return True
 
     def _what_is_bad_now(self) -> str:
         loss = self._last_loss
@@ -234,19 +288,38 @@ class NumericsChecks:
             return "weights left as they were before that step: the fused optimizer skipped it on the device"
         return "that update was applied; no checkpoint holds it: restart from the last checkpoint"
 
-    def _check_weights(self) -> None:
+    def _first_bad_state(self) -> tuple[str, str] | None:
+        """The first parameter or buffer holding NaN or Inf: (its name, the kinds)."""
         if self.model is None:
-            named = [(self._name(p), p) for p in self._params]
+            named: list[tuple[Any, torch.Tensor]] = [(p, p) for p in self._params]  # named only when bad
         else:
             named = [(repr(n), t) for n, t in self.model.state_dict(keep_vars=True).items() if isinstance(t, torch.Tensor)]
         bad = first_non_finite(named)
-        if bad is not None:
-            since = f"after step {self.step}" if self._checked_step == self.step - 1 else (
-                f"between steps {self._checked_step + 1} and {self.step}"
+        if bad is None:
+            return None
+        return (bad[0] if isinstance(bad[0], str) else self._name(bad[0])), bad[1]
+
+    def _check_weights(self) -> None:
+        bad = self._first_bad_state()
+        if bad is None:
+            return
+        if self._loss_on_host:  # the gradients were not checked step by step: the last step's are still here
+            grad = self._bad_gradient()
+            if grad is not None and self._checked_step == self.step - 1:
+                raise NumericsError(
+                    f"step {self.step}: the gradient of parameter {grad[0]} has {grad[1]} values ({self._weights_note()})"
+                )
+            cause = (
+                f"the gradient of parameter {grad[0]} at step {self.step} has {grad[1]} values" if grad is not None
+                else "the loss was finite; a gradient with NaN or Inf, or an optimizer step that overflowed"
             )
             raise NumericsError(
-                f"step {self.step}: {bad[0]} holds {bad[1]} values {since} (loss and gradients were finite: "
-                "the optimizer step overflowed it); no checkpoint holds it: lower the learning rate and restart "
-                "from the last checkpoint"
+                f"step {self.step}: {bad[0]} holds {bad[1]} values, put there by an update {self._since()} ({cause}); "
+                "no checkpoint holds it: restart from the last checkpoint"
             )
+        raise NumericsError(
+            f"step {self.step}: {bad[0]} holds {bad[1]} values {self._since().replace('at step', 'after step')} "
+            "(loss and gradients were finite: the optimizer step overflowed it); no checkpoint holds it: lower the "
+            "learning rate and restart from the last checkpoint"
+        )
 

@@ -38,7 +38,11 @@ logs, before every checkpoint (:meth:`TrainOp.state_dict` calls
   names the step where the NaN first appeared and no checkpoint is written
   from that state; a restart resumes from the last good checkpoint.
 
-In every case the scheduler, the update ops and the global step go on.
+In every case the scheduler, the update ops and the global step go on. On
+the CPU in one process (non-fused optimizer) each step reads its loss at once
+instead, free there, and stops before the update of a bad one; gradients are
+checked through the weights they update (see
+:meth:`NumericsChecks._loss_read_on_host`).
 """
 from __future__ import annotations
 
@@ -209,6 +213,8 @@ class TrainOp(NumericsChecks):
         self._device_skip = any(g.get("fused") for g in optimizer.param_groups) and getattr(
             optimizer, "_step_supports_amp_scaling", False
         )
+        # None: decided at the first step (see NumericsChecks._loss_read_on_host); False: device-side flags
+        self._loss_on_host: bool | None = None
         self._averages = [op.moving_average for op in update_ops if hasattr(op, "moving_average")]
 
     @property
@@ -313,6 +319,8 @@ class TrainOp(NumericsChecks):
             if self.check_numerics and not self.gradients_checked_by_hooks:
                 if scaler is not None or self.record_summaries or self.sync_numerics:
                     skip = self._check_now(loss, grads)
+                elif self._loss_on_host if self._loss_on_host is not None else self._loss_read_on_host():
+                    self._check_loss_now(loss)
                 else:
                     self._flags.update([loss, *grads])
                     deferred = True
