@@ -790,6 +790,27 @@ def test_histograms_of_many_writes_each_follow_tensorflows_definition(tmp_path):
         assert [(list(h.histogram_value.bucket_limit), [int(c) for c in h.histogram_value.bucket]) for h in got] == expected[name]
 
 
+@pytest.mark.parametrize("group_values, group_rows", [(7, 1024), (1 << 20, 2)])
+def test_histograms_computed_in_several_groups_each_follow_tensorflows_definition(monkeypatch, group_values, group_rows):
+    # A batch's histograms are computed together up to a number of values and of tensors; past either, in groups.
+    monkeypatch.setattr(event_file, "_GROUP_VALUES", group_values)
+    monkeypatch.setattr(event_file, "_GROUP_ROWS", group_rows)
+    torch.manual_seed(1)
+    named = [("a", torch.randn(20) * 1e-3), ("empty", torch.zeros(0)), ("b", torch.randn(3, 4, dtype=torch.float64)),
+             ("c", -torch.rand(9) * 1e6), ("d", torch.tensor([0.0, -0.0, 5e-324], dtype=torch.float64)),
+             ("e", torch.randn(30).to(torch.bfloat16))]
+    protos = event_file._histogram_protos(named)
+    assert len(protos) == len(named)
+    for (tag, t), proto in zip(named, protos):
+        values = t.double().reshape(-1).tolist()
+        if not values:
+            assert (proto.num, list(proto.bucket)) == (0, []), tag
+            continue
+        assert (list(proto.bucket_limit), [int(c) for c in proto.bucket]) == _tf_histogram(values), tag
+        assert (proto.num, proto.min, proto.max) == (len(values), min(values), max(values)), tag
+        assert proto.sum == pytest.approx(sum(values)) and proto.sum_squares == pytest.approx(sum(v * v for v in values))
+
+
 def test_an_empty_histogram_is_written_as_tensorflow_writes_one(tmp_path):
     # add_histogram_summary refuses an empty tensor; a SummaryRecord made by hand can still hold one.
     records = [summary_writer.SummaryRecord("empty", "histogram", torch.zeros(0)), summaries.add_histogram_summary(torch.ones(3), "ones")]

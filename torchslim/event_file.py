@@ -6,7 +6,7 @@
     f.write([(step, walltime, [('loss', 'scalar', 0.5)])])
     f.flush(); f.close()
 
-Histograms use TensorFlow's buckets (histogram.cc) computed with torch ops;
+Histograms use TensorFlow's buckets (histogram.cc), computed in numpy;
 images are PNG-encoded with zlib; each event is framed as a TFRecord, as
 TensorBoard's own ``RecordWriter`` frames it, with the CRC-32C of the
 ``crc32c`` C package. :class:`torchslim.summary_writer.SummaryWriter` calls

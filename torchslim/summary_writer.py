@@ -38,10 +38,11 @@ Measured on ``benchmarks/summaries_overhead.py`` (2000 steps, 3 rounds,
 against the no-summary run, at 1 and 2 torch threads: histograms as torch
 ops with ``torch.bucketize`` over the whole batch, 0.60x and 0.32x; as
 numpy passes over float32 (a bucket from ``log|v|``, exact lookups near the
-limits), {SUMMARY_RATIOS}. The writer still takes about 0.5 ms of CPU a
-write of 4 histograms and 4 scalars (histograms 0.2 ms, events and framing
-the rest), and the training thread 0.1-0.2 ms (copies, scalars): at a write
-every 10 steps of a 0.7 ms step that is the gap to 0.95x.
+limits), 0.75x and 0.78x (5 rounds later: 0.745x, range 0.50-0.85, and
+0.775x, range 0.69-1.31). The writer still takes about 0.4 ms of CPU a
+write of 4 histograms and 4 scalars (the histograms 0.3 ms of it, events
+and framing 0.05 ms), and the training thread 0.1-0.2 ms (copies, scalars):
+at a write every 10 steps of a 0.7 ms step that is the gap to 0.95x.
 
 Every wait on the writer is bounded by ``timeout`` seconds
 (default :data:`DEFAULT_TIMEOUT`): a write that finds the queue full, a
