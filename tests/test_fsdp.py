@@ -338,7 +338,8 @@ def test_fsdp2_trains_to_the_losses_of_ddp(runs):
 def test_a_rank_killed_mid_save_leaves_the_previous_checkpoint_and_the_resume_is_exact(runs):
     killed = runs["killed"]
     assert "rank 1: killing myself while writing" in killed["log"]
-    assert "saving sharded checkpoint" in killed["log"]  # the survivor's error names what failed
+    # The survivor's error names what failed, unless torchrun's agent stopped it first (a race on a loaded machine).
+    assert "saving sharded checkpoint" in killed["log"] or "closing signal SIGTERM" in killed["log"], killed["log"]
     for rank in range(2):
         out = killed["ranks"][rank]
         # The restarted ranks found no marker for step 8: they resumed from step 4, each with its own RNG

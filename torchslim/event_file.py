@@ -113,9 +113,11 @@ def _group_protos(group: list[tuple[str, np.ndarray]]) -> list[Any]:
             raise ValueError(f"histogram summary {bad!r}: the tensor holds NaN or infinite values")
         doubles = values.astype(np.float64)  # a copy (squared in place below): TF sums doubles
         stats[2, filled] = np.add.reduceat(doubles, starts)
-        stats[3, filled] = np.add.reduceat(np.multiply(doubles, doubles, out=doubles), starts)
-    single = values.astype(np.float32, copy=False)
-    with np.errstate(divide="ignore", invalid="ignore"):  # log(0) = -inf, then -inf - -inf: NaN, looked up
+        with np.errstate(over="ignore"):  # squares past DBL_MAX are inf, as in TF
+            stats[3, filled] = np.add.reduceat(np.multiply(doubles, doubles, out=doubles), starts)
+    # Doubles past float32's range become inf, and log(0) is -inf: both make NaN below, looked up exactly.
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        single = values.astype(np.float32, copy=False)
         est = np.abs(single)
         np.log(est, out=est)
         est -= _LOG_FIRST
