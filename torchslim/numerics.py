@@ -167,8 +167,8 @@ class NumericsChecks:
     def _loss_read_on_host(self) -> bool:
         """True where the loss costs nothing to read at once: on the CPU, in one process, with an
         optimizer that does not skip bad steps on the device. The gradients are then checked through
-        the weights they update (NaN or Inf in a gradient makes the weight NaN or Inf under every
-        torch optimizer), at every read of :meth:`check_pending_numerics` and whenever the loss is
+        the weights they update (NaN or Inf in a gradient makes the weight NaN or Inf under torch's
+        optimizers; Rprop, which steps by the sign, turns an Inf into a finite step), at every read of :meth:`check_pending_numerics` and whenever the loss is
         not finite; on 4 gradient tensors that is 0.3% of a step instead of 2.7%, which the flag
         kernel takes on a CPU, where it runs tensor by tensor (instructions counted by callgrind,
         benchmarks/loop_overhead.py's MLP). Several processes keep the flags: their averaged
