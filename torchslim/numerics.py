@@ -168,11 +168,12 @@ class NumericsChecks:
         """True where the loss costs nothing to read at once: on the CPU, in one process, with an
         optimizer that does not skip bad steps on the device. The gradients are then checked through
         the weights they update (NaN or Inf in a gradient makes the weight NaN or Inf under torch's
-        optimizers; Rprop, which steps by the sign, turns an Inf into a finite step), at every read of :meth:`check_pending_numerics` and whenever the loss is
-        not finite; on 4 gradient tensors that is 0.3% of a step instead of 2.7%, which the flag
-        kernel takes on a CPU, where it runs tensor by tensor (instructions counted by callgrind,
-        benchmarks/loop_overhead.py's MLP). Several processes keep the flags: their averaged
-        gradients agree across ranks, a loss read alone does not."""
+        optimizers; Rprop, which steps by the sign, turns an Inf into a finite step), at every read
+        of :meth:`check_pending_numerics` and whenever the loss is not finite; on 4 gradient tensors
+        that is 0.3% of a step instead of 2.7%, which the flag kernel takes on a CPU, where it runs
+        tensor by tensor (instructions counted by callgrind, benchmarks/loop_overhead.py's MLP).
+        Several processes keep the flags: their averaged gradients agree across ranks, a loss read
+        alone does not."""
         import torch.distributed as dist
 
         decided = (
@@ -199,9 +200,10 @@ class NumericsChecks:
             f"step {step}: the loss {callable_name(self.total_loss)!r} is {value} (weights left as they were before this step)"
         )
 
-    def _since(self) -> str:
+    def _since(self, one_step: str = "at") -> str:
+        """The steps whose updates may have made a weight bad: ``at step N`` (or ``one_step``), or a range."""
         if self._checked_step == self.step - 1:
-            return f"at step {self.step}"
+            return f"{one_step} step {self.step}"
         return f"between steps {self._checked_step + 1} and {self.step}"
 
     def _check_now(self, loss: torch.Tensor, grads: list[torch.Tensor]) -> bool:
@@ -318,7 +320,7 @@ class NumericsChecks:
                 "no checkpoint holds it: restart from the last checkpoint"
             )
         raise NumericsError(
-            f"step {self.step}: {bad[0]} holds {bad[1]} values {self._since().replace('at step', 'after step')} "
+            f"step {self.step}: {bad[0]} holds {bad[1]} values {self._since('after')} "
             "(loss and gradients were finite: the optimizer step overflowed it); no checkpoint holds it: lower the "
             "learning rate and restart from the last checkpoint"
         )
