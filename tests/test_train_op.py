@@ -553,6 +553,74 @@ def test_weights_that_overflow_in_the_optimizer_step_are_never_checkpointed(tmp_
 REGIONS = {"torchslim/loss", "torchslim/backward", "torchslim/gradients", "torchslim/optimizer", "torchslim/update_ops"}
 
 
+PLAIN_CONFIGS = {
+    "defaults": {},
+    "clipped": {"clip_gradient_norm": 0.05},
+    "unchecked": {"check_numerics": False},
+    "device flags": {"device_flags": True, "clip_gradient_norm": 0.05},
+    "trained subset": {"variables_to_train": "fc.weight"},
+    "scheduled, averaged": {"scheduler": True, "ema": True},
+}
+
+
+@pytest.mark.parametrize("config", PLAIN_CONFIGS, ids=list(PLAIN_CONFIGS))
+def test_the_common_step_takes_the_plain_path_and_updates_as_the_general_one(monkeypatch, config):
+    kwargs = dict(PLAIN_CONFIGS[config])
+    device_flags, scheduled, averaged = (kwargs.pop(k, False) for k in ("device_flags", "scheduler", "ema"))
+    general_calls = []
+    real_general = slim.train_op.TrainOp._general_step
+
+    def counted_general(self, batch):
+        general_calls.append(self.step)
+        return real_general(self, batch)
+
+    monkeypatch.setattr(slim.train_op.TrainOp, "_general_step", counted_general)
+    runs = {}
+    for plain in (True, False):
+        slim.collections.reset()
+        model = Logistic()
+        x, y = logistic_points()
+        opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+        extra = dict(kwargs)
+        if "variables_to_train" in extra:
+            extra["variables_to_train"] = [model.fc.weight]
+        if scheduled:
+            extra["scheduler"] = torch.optim.lr_scheduler.StepLR(opt, step_size=2, gamma=0.5)
+        if averaged:
+            extra["update_ops"] = [slim.variables.ExponentialMovingAverage(0.9).apply(model)]
+        op = slim.learning.create_train_op(bce(model), opt, **extra)
+        if device_flags:
+            _device_flags(op)
+        op._plain = plain
+        losses = [op((x, y)) for _ in range(4)]
+        op.check_pending_numerics()
+        runs[plain] = (losses, state_of(model), op.step, opt.param_groups[0]["lr"])
+        assert bool(general_calls) is not plain  # the plain configuration never reaches the general path
+        general_calls.clear()
+    (plain_losses, plain_state, plain_step, plain_lr), (losses, state, step, lr) = runs[True], runs[False]
+    assert plain_step == step == 4 and plain_lr == lr
+    assert all(torch.equal(a, b) and not a.requires_grad for a, b in zip(plain_losses, losses))
+    assert all(torch.equal(plain_state[k], state[k]) for k in state)
+
+
+def test_a_hook_or_a_summary_step_sends_the_step_down_the_general_path(monkeypatch):
+    model = Logistic()
+    x, y = logistic_points()
+    op = slim.learning.create_train_op(bce(model), torch.optim.SGD(model.parameters(), lr=0.1))
+    general_calls = []
+    real_general = slim.train_op.TrainOp._general_step
+    monkeypatch.setattr(slim.train_op.TrainOp, "_general_step",
+                        lambda self, batch: general_calls.append(self.step) or real_general(self, batch))
+    op((x, y))
+    op.record_summaries = True
+    op((x, y))
+    op.record_summaries = False
+    seen = []
+    op.before_step.append(lambda: seen.append(op.step))
+    op((x, y))
+    assert general_calls == [1, 2] and seen == [2]
+
+
 def test_profiler_regions_appear_only_while_a_trace_is_recorded(monkeypatch):
     model = Logistic()
     x, y = logistic_points()

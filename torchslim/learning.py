@@ -173,12 +173,17 @@ def train_step(train_op: TrainOp, batch: Any, global_step: GlobalStep | None, tr
     elapsed = time.time() - start
     step = int(global_step) if global_step is not None else train_op.step
     log_every = train_step_kwargs.get("log_every_n_steps")
-    if log_every and step % log_every == 0 and logger.isEnabledFor(logging.INFO):  # no record, no loss read, unless shown
-        train_op.check_pending_numerics()
-        logger.info("global step %d: loss = %.4f (%.3f sec/step)", step, total_loss.item(), elapsed)
+    if log_every and step % log_every == 0:
+        _log_step(train_op, step, total_loss, elapsed)
     number_of_steps = train_step_kwargs.get("number_of_steps")
     should_stop = number_of_steps is not None and step >= number_of_steps
     return total_loss, should_stop
+
+
+def _log_step(train_op: TrainOp, step: int, total_loss: torch.Tensor, elapsed: float) -> None:
+    if logger.isEnabledFor(logging.INFO):  # no record, no loss read, unless shown
+        train_op.check_pending_numerics()
+        logger.info("global step %d: loss = %.4f (%.3f sec/step)", step, total_loss.item(), elapsed)
 
 
 def _take(batches: Any, n: int) -> MicroBatches:
@@ -374,29 +379,44 @@ def train(
         after_step = sv.after_step
         per_step = train_op.batches_per_step  # accumulate_steps: one global step takes that many batches
         tick = shown.start(train_op.step) if sv.is_chief else None
+        # The default train_step runs inline (the same step, log line and stop test), saving its call
+        # and argument lookups on every step; a train_step_fn of the user's, or one that traces, is called.
+        inline = train_step_fn is train_step and not kwargs.get("trace_every_n_steps")
+        log_every, stop_at = kwargs.get("log_every_n_steps"), kwargs.get("number_of_steps")
+        step = train_op.step
         while True:
-            if number_of_steps is not None and train_op.step >= number_of_steps:
+            if number_of_steps is not None and step >= number_of_steps:
                 break
             if extra_stop_checks and sv.should_stop(number_of_steps):
                 break
             try:
                 batch = next(batches) if per_step == 1 else _take(batches, per_step)
             except StopIteration:
-                logger.info("Data ran out at global step %d. Stopping Training.", train_op.step)
+                logger.info("Data ran out at global step %d. Stopping Training.", step)
                 break
             if wants_summaries is not None:
-                train_op.record_summaries = wants_summaries(train_op.step + 1)
-            if trace_every is not None and train_op.step % trace_every == 0:  # TF-Slim's steps 0, N, 2N, ...
+                train_op.record_summaries = wants_summaries(step + 1)
+            if trace_every is not None and step % trace_every == 0:  # TF-Slim's steps 0, N, 2N, ...
                 from torchslim import summaries
 
-                with summaries.trace_step(logdir, train_op.step):  # type: ignore[arg-type]  # not None here
+                with summaries.trace_step(logdir, step):  # type: ignore[arg-type]  # not None here
                     total_loss, should_stop = train_step_fn(train_op, batch, gs, kwargs)
                     after_step(total_loss)
+                step = train_op.step
+            elif inline:
+                start = time.time()
+                total_loss = train_op(batch)
+                step = train_op.step
+                if log_every and step % log_every == 0:
+                    _log_step(train_op, step, total_loss, time.time() - start)
+                should_stop = stop_at is not None and step >= stop_at
+                after_step(total_loss)
             else:
                 total_loss, should_stop = train_step_fn(train_op, batch, gs, kwargs)
                 after_step(total_loss)
+                step = train_op.step
             if tick is not None:
-                tick(train_op.step, total_loss)
+                tick(step, total_loss)
             if should_stop:
                 logger.info("Stopping Training.")
                 break

@@ -55,6 +55,7 @@ import torch
 
 from torchslim import collections as _collections
 from torchslim._modules import as_single_module, modules_of
+from torchslim._train_op_state import TrainOpState
 from torchslim.collections import GraphKeys
 from torchslim.gradients import (
     add_gradients_summaries,
@@ -116,6 +117,19 @@ def _to_device(batch: Any, device: torch.device) -> Any:
     return batch
 
 
+def _gradients(params: list[torch.Tensor]) -> list[torch.Tensor]:
+    """The gradients present, sparse ones coalesced in place and taken by their values."""
+    grads = []
+    for p in params:
+        g = p.grad
+        if g is not None:
+            if g.is_sparse:
+                g = p.grad = coalesced(g)
+                g = g._values()
+            grads.append(g)
+    return grads
+
+
 def _loss_error(loss: Any) -> ValueError:
     got = type(loss).__name__ if not isinstance(loss, torch.Tensor) else f"a tensor of shape {tuple(loss.shape)}"
     return ValueError(f"total_loss must return a scalar tensor, got {got}")
@@ -133,7 +147,7 @@ def _ddp_modules(candidates: Iterable[Any]) -> list[Any]:
     return list(found.values())
 
 
-class TrainOp(NumericsChecks):
+class TrainOp(NumericsChecks, TrainOpState):
     """A callable training step: loss, gradients, update, update ops, global step.
 
     Build it with :func:`create_train_op`. Calling it on a batch (a list of
@@ -215,7 +229,14 @@ class TrainOp(NumericsChecks):
         )
         # None: decided at the first step (see NumericsChecks._loss_read_on_host); False: device-side flags
         self._loss_on_host: bool | None = None
+        self._graph: torch.Tensor | None = None
         self._averages = [op.moving_average for op in update_ops if hasattr(op, "moving_average")]
+        # The configuration whose steps take the plain path (see _plain_step); hooks and per-step
+        # switches are checked at each call, since wrappers set them after construction.
+        self._plain = (
+            accumulate_steps == 1 and self.grad_scaler is None and not self._multiplied and not self._place
+            and self._autocast_dtype is None and not self._device_skip
+        )
 
     @property
     def step(self) -> int:
@@ -225,6 +246,57 @@ class TrainOp(NumericsChecks):
     # -- one step --------------------------------------------------------------------------------
 
     def __call__(self, batch: Any = _OMITTED) -> torch.Tensor:
+        # The common configuration (one batch; no hooks, fp16 scaler, multipliers, autocast, summaries
+        # or profiler) runs here: the same updates in the same order as _general_step, without its
+        # per-step branches, regions and calls, which cost 2% of a step of benchmarks/loop_overhead.py's
+        # MLP (callgrind: 23k instructions of 1.15M).
+        if not self._plain or (
+            self.before_step or self.after_backward or self.record_summaries or self.sync_numerics or _profiling()
+        ):
+            return self._general_step(batch)
+        self.optimizer.zero_grad(set_to_none=True)
+        entries: dict[str, list[Any]] = {}
+        token = _collections._step.set(entries)
+        try:
+            loss = self._loss_fn() if batch is _OMITTED or batch is self._no_batch else self._loss_fn(batch)
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                raise _loss_error(loss)
+            if self.variables_to_train is None:
+                loss.backward()
+                # Held to the next step, as a hand loop's variable holds it: autograd then reuses the
+                # parameters' gradient accumulators instead of building them again (0.6% of a step).
+                # Not under variables_to_train: nodes that backward did not run keep their activations.
+                self._graph = loss
+            else:
+                loss.backward(inputs=self.variables_to_train)
+            loss = loss.detach()
+            checked = self.check_numerics and not self.gradients_checked_by_hooks
+            if self.check_numerics:
+                self._last_loss = loss
+            on_host = checked and (self._loss_on_host if self._loss_on_host is not None else self._loss_read_on_host())
+            flagged = checked and not on_host
+            if self.clip_gradient_norm > 0 or flagged:
+                grads = _gradients(self._params)
+                if self.clip_gradient_norm > 0:
+                    clip_by_norm_(grads, self.clip_gradient_norm)
+                if flagged:
+                    self._flags.update([loss, *grads])
+            if on_host:
+                self._check_loss_now(loss)
+            self.optimizer.step()
+            if self.scheduler is not None:
+                self.scheduler.step()
+            for op in self.update_ops:
+                op()
+            if self.global_step is not None:
+                self.global_step.value += 1
+        finally:
+            self.last_step = entries
+            _collections._step.reset(token)
+        return loss
+
+    def _general_step(self, batch: Any) -> torch.Tensor:
+        """A step of any configuration: hooks, micro-batches, autocast, fp16 scaling, profiler regions."""
         if self.before_step:
             for hook in self.before_step:
                 hook()
@@ -305,14 +377,7 @@ class TrainOp(NumericsChecks):
                 if p.grad is None:
                     raise ValueError(f"Requested multiple of `None` gradient (parameter {self._name(p)})")
                 values_of(p.grad).mul_(m)
-            grads: list[torch.Tensor] = []
-            for p in params:
-                g = p.grad
-                if g is not None:
-                    if g.is_sparse:
-                        g = p.grad = coalesced(g)
-                        g = g._values()
-                    grads.append(g)
+            grads = _gradients(params)
             if self.clip_gradient_norm > 0:
                 clip_by_norm_(grads, self.clip_gradient_norm)
             skip = deferred = False
@@ -361,63 +426,6 @@ class TrainOp(NumericsChecks):
 
     def _name(self, param: torch.Tensor) -> str:
         return describe_var(param, self.names)
-
-    # -- state -----------------------------------------------------------------------------------
-
-    def state_dict(self) -> dict[str, Any]:
-        """Model weights and buffers, optimizer, scheduler and global step (live references).
-
-        With ``check_numerics``, first checks the numerics of the steps taken
-        since the last check, so no checkpoint can hold non-finite state.
-        """
-        if self.model is None:
-            raise ValueError(
-                "create_train_op found no nn.Module used by total_loss, so there is nothing to checkpoint; "
-                "pass model=your_module to create_train_op"
-            )
-        self.check_pending_numerics()
-        state: dict[str, Any] = {
-            "global_step": self.step,
-            "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
-        }
-        if self.scheduler is not None:
-            state["scheduler"] = self.scheduler.state_dict()
-        # -- train-op extensions: loss scaling and moving averages --------------------------------
-        if self.grad_scaler is not None:
-            state["grad_scaler"] = {**self.grad_scaler.state_dict(), "overflow_steps": self.overflow_steps}
-        if self._averages:
-            state["moving_averages"] = {ema.name: ema.state_dict() for ema in self._averages}
-        return state
-
-    def load_state_dict(self, state: Mapping[str, Any]) -> None:
-        if self.model is None:
-            raise ValueError("cannot restore: create_train_op found no nn.Module; pass model= to create_train_op")
-        from torchslim.checkpoint import load_model_state  # names the file and the first mismatching parameter
-
-        load_model_state(self.model, state)
-        self.optimizer.load_state_dict(state["optimizer"])
-        if self.scheduler is not None and "scheduler" in state:
-            self.scheduler.load_state_dict(state["scheduler"])
-        if self.global_step is not None:
-            self.global_step.value = int(state["global_step"])
-        # -- train-op extensions: loss scaling, moving averages, the numerics check ---------------
-        self._load_extensions(state)
-
-    def _load_extensions(self, state: Mapping[str, Any]) -> None:
-        if self.grad_scaler is not None and "grad_scaler" in state:
-            scaler_state = dict(state["grad_scaler"])
-            self.overflow_steps = int(scaler_state.pop("overflow_steps", 0))
-            self.grad_scaler.load_state_dict(scaler_state)
-        averages = state.get("moving_averages", {})
-        for ema in self._averages:
-            if ema.name in averages:
-                ema.load_state_dict(averages[ema.name])
-            else:
-                logger.warning("the checkpoint holds no moving averages %r; they start from the restored weights", ema.name)
-                ema.reset()
-        self._flags.clear()
-        self._checked_step = self.step
 
 
 def _as_param_list(name: str, value: Any) -> list[torch.Tensor]:
