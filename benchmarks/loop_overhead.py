@@ -195,19 +195,24 @@ def main() -> None:
         return _common.timed(loop)
 
     tmp = tempfile.mkdtemp()
+    runs = {"raw": raw, "slim": slim_train, "defaults": slim_defaults}
+    times: dict[str, list[float]] = {name: [] for name in runs}
     try:
-        raw(), slim_train(), slim_defaults()  # warm-up
-        medians = _common.interleaved({"raw": raw, "slim": slim_train, "defaults": slim_defaults}, args.rounds)
+        for fn in runs.values():  # warm-up
+            fn()
+        for r in range(args.rounds):  # the order alternates round by round; each ratio pairs one round's runs
+            for name in list(runs) if r % 2 == 0 else list(reversed(runs)):
+                times[name].append(runs[name]())
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    raw_sps, slim_sps = args.steps / medians["raw"], args.steps / medians["slim"]
     print(f"model={args.model} device={device} steps={args.steps} rounds={args.rounds} "
           f"threads={torch.get_num_threads()} check_numerics={args.check_numerics}")
-    print(f"raw PyTorch loop : {raw_sps:9.1f} steps/sec")
-    print(f"slim.learning    : {slim_sps:9.1f} steps/sec")
-    print(f"ratio slim/raw   : {slim_sps / raw_sps:.3f}")
-    defaults_sps = args.steps / medians["defaults"]
-    print(f"train() with TF-Slim defaults: {defaults_sps:9.1f} steps/sec, ratio/raw {defaults_sps / raw_sps:.3f}")
+    print(f"raw PyTorch loop : {args.steps / statistics.median(times['raw']):9.1f} steps/sec (median)")
+    for name, label in (("slim", "slim.learning (log every 100 steps, no summaries)"),
+                        ("defaults", "train() with TF-Slim defaults")):
+        ratios = [t_raw / t for t_raw, t in zip(times["raw"], times[name])]
+        print(f"{label}: {args.steps / statistics.median(times[name]):9.1f} steps/sec, ratio/raw median "
+              f"{statistics.median(ratios):.3f} (range {min(ratios):.3f}-{max(ratios):.3f})")
 
 
 if __name__ == "__main__":

@@ -990,6 +990,27 @@ def test_custom_train_step_fn_can_stop_training():
     assert seen_kwargs[0]["tag"] == "mine" and seen_kwargs[0]["number_of_steps"] == 1000
 
 
+@pytest.mark.parametrize("step_kwargs", [{}, {"log_every_n_steps": 3}, {"number_of_steps": 4}])
+def test_the_inlined_default_train_step_logs_and_stops_as_train_step_called(caplog, step_kwargs):
+    # train() runs its default train_step inline; a wrapper around the same train_step takes the called path.
+    caplog.set_level(logging.INFO, logger="torchslim")
+    runs = []
+    for step_fn in (slim.learning.train_step, lambda *args: slim.learning.train_step(*args)):
+        caplog.clear()
+        slim.collections.reset()
+        record: list[float] = []
+        _, op = logistic_train_op(record=record)
+        loss = slim.learning.train(op, None, train_step_fn=step_fn, train_step_kwargs=dict(step_kwargs),
+                                   number_of_steps=9, log_every_n_steps=2)
+        logged = [LOG_LINE.match(r.getMessage()) for r in caplog.records if r.getMessage().startswith("global step")]
+        runs.append((op.step, loss, [(int(m.group(1)), m.group(2)) for m in logged]))
+    assert runs[0] == runs[1]
+    steps, _, logged = runs[0]
+    assert steps == step_kwargs.get("number_of_steps", 9)
+    assert [s for s, _ in logged] == list(range(step_kwargs.get("log_every_n_steps", 2), steps + 1,
+                                               step_kwargs.get("log_every_n_steps", 2)))
+
+
 def test_train_step_reports_should_stop_at_number_of_steps():
     model = LogisticClassifier()
     batch = logistic_data()

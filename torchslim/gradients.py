@@ -37,7 +37,8 @@ def clip_by_norm_(grads: list[torch.Tensor], max_norm: float) -> None:
     if not grads:
         return
     coef = torch._foreach_norm(grads)
-    if all(type(c) is torch.Tensor for c in coef):
+    # One foreach call takes all plain tensors or all DTensors, so the first norm tells what they all are.
+    if type(coef[0]) is torch.Tensor:
         torch._foreach_reciprocal_(coef)  # in place: one list of tensors fewer (7% of a CPU clip at 1,000 tensors)
     else:  # a sharded (DTensor) gradient's norm is a pending reduction that an in-place op can't keep
         coef = torch._foreach_reciprocal(coef)

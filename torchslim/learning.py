@@ -173,7 +173,7 @@ def train_step(train_op: TrainOp, batch: Any, global_step: GlobalStep | None, tr
     elapsed = time.time() - start
     step = int(global_step) if global_step is not None else train_op.step
     log_every = train_step_kwargs.get("log_every_n_steps")
-    if log_every and step % log_every == 0:
+    if log_every and step % log_every == 0 and logger.isEnabledFor(logging.INFO):  # no record, no loss read, unless shown
         _log_step(train_op, step, total_loss, elapsed)
     number_of_steps = train_step_kwargs.get("number_of_steps")
     should_stop = number_of_steps is not None and step >= number_of_steps
@@ -181,9 +181,8 @@ def train_step(train_op: TrainOp, batch: Any, global_step: GlobalStep | None, tr
 
 
 def _log_step(train_op: TrainOp, step: int, total_loss: torch.Tensor, elapsed: float) -> None:
-    if logger.isEnabledFor(logging.INFO):  # no record, no loss read, unless shown
-        train_op.check_pending_numerics()
-        logger.info("global step %d: loss = %.4f (%.3f sec/step)", step, total_loss.item(), elapsed)
+    train_op.check_pending_numerics()
+    logger.info("global step %d: loss = %.4f (%.3f sec/step)", step, total_loss.item(), elapsed)
 
 
 def _take(batches: Any, n: int) -> MicroBatches:
@@ -406,8 +405,8 @@ def train(
             elif inline:
                 start = time.time()
                 total_loss = train_op(batch)
-                step = train_op.step
-                if log_every and step % log_every == 0:
+                step = gs.value if gs is not None else 0
+                if log_every and step % log_every == 0 and logger.isEnabledFor(logging.INFO):
                     _log_step(train_op, step, total_loss, time.time() - start)
                 should_stop = stop_at is not None and step >= stop_at
                 after_step(total_loss)
