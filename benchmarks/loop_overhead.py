@@ -5,7 +5,10 @@
 
 MLP 64->128->10, batch 32, SGD with momentum, cross-entropy, in-memory data;
 train() logs every 100 steps, writes no summaries and checkpoints only at the
-end. Prints steps/sec of each and the ratio slim/raw (target >= 0.98).
+end; and train() with TF-Slim's defaults (a log line due every step, nobody
+printing it; summaries and checkpoints every 600 s). The runs interleave, the
+order alternating round by round; prints steps/sec of each and the ratio
+slim/raw paired by round, median and range (target >= 0.98).
 
 ``--clip-tensors``: for each count N, a stack of 16x16 linear layers with N
 parameter tensors, ``clip_gradient_norm=1`` against a raw loop that clips
