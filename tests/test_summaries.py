@@ -902,6 +902,49 @@ def test_a_full_queue_in_front_of_a_stalled_thread_is_an_error_not_a_hang(tmp_pa
     _wait_for_writer_threads_to_end()
 
 
+def test_copies_past_the_byte_bound_in_front_of_a_stalled_thread_are_an_error_not_a_hang(
+        tmp_path, hung_log_handler, monkeypatch):
+    import time
+
+    from torchslim import summary_writer
+
+    monkeypatch.setattr(summary_writer, "MAX_QUEUED_BYTES", 6000)  # room for one of the 4,000-byte copies below
+    printed = summaries.add_scalar_summary(torch.tensor(1.0), "printed", print_summary=True)
+    big = summaries.SummaryRecord("big", "histogram", torch.ones(1000))
+    writer = summaries.SummaryWriter(str(tmp_path), timeout=0.3)  # the default count bound is far away
+    writer.write(1, [printed])
+    assert hung_log_handler.entered.wait(30)
+    writer.write(2, [big])  # waits in the queue: 4,000 bytes of 6,000
+    start = time.monotonic()
+    with pytest.raises(summaries.SummaryWriterError, match="full queue"):
+        writer.write(3, [big])
+    assert time.monotonic() - start < 5.0
+    with pytest.raises(summaries.SummaryWriterError):
+        writer.close()
+    hung_log_handler.unblock.set()
+    _wait_for_writer_threads_to_end()
+
+
+def test_copies_past_half_the_byte_bound_wake_the_writer_before_its_linger_ends(tmp_path, monkeypatch):
+    import time
+
+    from torchslim import summary_writer
+
+    monkeypatch.setattr(summary_writer, "_LINGER_SECS", 60.0)  # only a wake makes the thread write
+    monkeypatch.setattr(summary_writer, "MAX_QUEUED_BYTES", 10_000)
+    with summaries.SummaryWriter(str(tmp_path)) as writer:
+        writer.write(1, [summaries.SummaryRecord("small", "histogram", torch.ones(10))])  # 40 bytes: no wake
+        time.sleep(0.2)
+        assert writer._queued_bytes == 40  # still waiting for the thread
+        writer.write(2, [summaries.SummaryRecord("big", "histogram", torch.full((1500,), 2.0))])  # 6,000 bytes
+        deadline = time.monotonic() + 10
+        while writer._queued_bytes:  # the thread takes both writes once woken
+            assert time.monotonic() < deadline, "the writer was not woken by the bytes waiting"
+            time.sleep(0.01)
+    acc = read_events(str(tmp_path))
+    assert [h.step for h in acc.Histograms("small")] == [1] and [h.step for h in acc.Histograms("big")] == [2]
+
+
 def test_train_with_a_stalled_writer_returns_summary_writer_error_within_the_bound(tmp_path, hung_log_handler):
     import time
 

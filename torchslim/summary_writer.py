@@ -26,7 +26,8 @@ without summaries, on 2 cores shared with six other jobs (load 9-16):
         0.988x (0.607-1.636); no start-up, nothing left to outlive training
 
 so the writer is a thread. It wakes once a second (or when its queue is half
-full, or for a flush or close) and takes every queued write at once, so the
+full, by count or by the bytes of its copies, or for a flush or close) and
+takes every queued write at once, so the
 training thread loses the GIL once a batch instead of once a write, and all
 the histograms of that batch are one numpy computation
 (``event_file._histogram_protos``). What the writer costs is its CPU: beside
@@ -80,7 +81,7 @@ import torch
 from torchslim.collections import GraphKeys, get_collection
 from torchslim.event_file import BUCKET_LIMITS, MAX_IMAGE_OUTPUTS, EventFile, print_value
 
-__all__ = ["BUCKET_LIMITS", "DEFAULT_TIMEOUT", "MAX_IMAGE_OUTPUTS", "SummaryRecord", "SummaryWriter", "SummaryWriterError", "read_values"]
+__all__ = ["BUCKET_LIMITS", "DEFAULT_TIMEOUT", "MAX_IMAGE_OUTPUTS", "MAX_QUEUED_BYTES", "SummaryRecord", "SummaryWriter", "SummaryWriterError", "read_values"]
 
 logger = logging.getLogger("torchslim")
 
@@ -228,6 +229,23 @@ _CLOSE = object()
 # computation (event_file._histogram_protos). Waking on every write instead, as queue.get does, made
 # training with histograms of 4 parameters every 10 steps <0.6x as fast as without (summaries benchmark).
 _LINGER_SECS = 1.0
+# The copies that may wait for the writer thread: it is woken at half of this, and write() waits for room
+# past it. Bounding the queue by bytes, not only by count, lets a small model's writes wait for the whole
+# linger (at 8 writes, the writer woke every 4 writes and the summaries benchmark ran at 0.76x, at 256
+# with this bound at 0.84x, 1 torch thread) while a large model's writes still wake it at once.
+MAX_QUEUED_BYTES = 64 << 20
+
+
+def _copied_bytes(item: Any) -> int:
+    """Bytes of tensor copies a queued write holds (0 for markers and add_scalar values)."""
+    n = 0
+    if isinstance(item, list):
+        for _, _, payload in item:
+            if isinstance(payload, _Snapshot):
+                for _, value in payload.items:
+                    if isinstance(value, torch.Tensor):
+                        n += value.nbytes
+    return n
 
 
 def _merge_writes(items: list[Any]) -> list[Any]:
@@ -262,6 +280,10 @@ class SummaryWriter:
     debugging. No call waits on the writer thread longer than ``timeout``
     seconds: then it raises :class:`SummaryWriterError`.
 
+    Writes wait for the writer thread, which wakes once a second, up to
+    ``max_pending`` writes or :data:`MAX_QUEUED_BYTES` of copies; past either,
+    :meth:`write` waits for room (at most ``timeout`` seconds).
+
     ``purge_step``: a run resumed from a checkpoint taken at step ``S`` passes
     ``S + 1``; TensorBoard then drops the events the previous run wrote at
     steps ``>= S + 1``, so no step is shown twice or rewound.
@@ -280,7 +302,7 @@ class SummaryWriter:
         logdir: str | os.PathLike[str],
         purge_step: int | None = None,
         asynchronous: bool = True,
-        max_pending: int = 8,
+        max_pending: int = 256,
         timeout: float = DEFAULT_TIMEOUT,
     ) -> None:
         if not isinstance(logdir, (str, os.PathLike)) or not os.fspath(logdir):
@@ -302,6 +324,8 @@ class SummaryWriter:
         # add_scalar values not yet handed over: (step, walltime, snapshot or values), sent with the next write.
         self._pending: list[tuple[int, float, Any]] = []
         self._queue: queue.Queue[Any] = queue.Queue(maxsize=max_pending)
+        self._queued_bytes = 0  # of the copies in the queue (see MAX_QUEUED_BYTES)
+        self._drained = threading.Condition(self._lock)
         self._wake = threading.Event()  # set for a flush, close, or a queue half full
         self._thread: threading.Thread | None = None
         if self.asynchronous:
@@ -317,6 +341,11 @@ class SummaryWriter:
             with contextlib.suppress(queue.Empty):
                 while True:
                     items.append(self._queue.get_nowait())
+            taken = sum(_copied_bytes(item) for item in items)
+            if taken:
+                with self._drained:
+                    self._queued_bytes -= taken
+                    self._drained.notify_all()
             if not items:  # idle: what was written reaches the OS
                 items = [self._file.flush_if_due]
             for item in _merge_writes(items):
@@ -388,13 +417,30 @@ class SummaryWriter:
         if self._thread is None:
             self._process(item)
             return
+        wait = self.timeout if timeout is None else timeout
+        nbytes = _copied_bytes(item)
+        if nbytes:
+            with self._drained:
+                def room() -> bool:
+                    return self._queued_bytes == 0 or self._queued_bytes + nbytes <= MAX_QUEUED_BYTES
+
+                if not room():
+                    self._wake.set()
+                    if not self._drained.wait_for(room, wait):
+                        self._stall("take a write from its full queue")
+                self._queued_bytes += nbytes
         if self._queue.full():
             self._wake.set()
         try:
-            self._queue.put(item, timeout=self.timeout if timeout is None else timeout)
+            self._queue.put(item, timeout=wait)
         except queue.Full:
+            with self._drained:
+                self._queued_bytes -= nbytes
             self._stall("take a write from its full queue")
-        if not isinstance(item, list) or 2 * self._queue.qsize() >= self._queue.maxsize:
+        if (
+            not isinstance(item, list) or 2 * self._queue.qsize() >= self._queue.maxsize
+            or 2 * self._queued_bytes >= MAX_QUEUED_BYTES
+        ):
             self._wake.set()
 
     def _take_pending(self) -> list[tuple[int, float, Any]]:
