@@ -44,14 +44,17 @@ limits), 0.75x and 0.78x (5 rounds later: 0.745x, range 0.50-0.85, and
 write of 4 histograms and 4 scalars (the histograms 0.3 ms of it, events
 and framing 0.05 ms), and the training thread 0.1-0.2 ms (copies, scalars):
 at a write every 10 steps of a 0.7 ms step that is the gap to 0.95x.
-Split again later that day (1 torch thread, 5 paired rounds, 0.35 ms steps):
-the writer thread's work dropped (writes taken and discarded) 0.866x against
-0.727x whole, so about half the gap is the training thread's own part; a
-separate process burning 15% of a core beside the no-summary run slowed it
-by nothing measurable, and ``sys.setswitchinterval(0.0002)`` changed nothing
-(0.747x against 0.750x), so the writer's half is its time holding the GIL,
-which the training thread waits out one for one: a writer process would
-remove that half, at the start-up and failure modes measured above.
+Split again later that day (5 paired rounds, 0.35 ms steps). The queue then
+held 8 writes and the thread woke every 4 (every 40 steps, not once a
+second): 0.727x whole, 0.866x with the thread's work dropped (writes taken
+and discarded). Bounded by bytes instead (:data:`MAX_QUEUED_BYTES`; 256
+writes), 0.828x whole and 0.96x dropped at 1 torch thread, 0.807x and 0.89x
+at 2. A separate process burning 15% of a core beside the no-summary run
+slowed it by nothing measurable, and ``sys.setswitchinterval(0.0002)``
+changed nothing (0.747x against 0.750x): what the thread costs at 1 torch
+thread is its time holding the GIL, which training waits out one for one. A
+writer process would remove that part, at the start-up and failure modes
+measured above.
 
 Every wait on the writer is bounded by ``timeout`` seconds
 (default :data:`DEFAULT_TIMEOUT`): a write that finds the queue full, a
