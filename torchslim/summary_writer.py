@@ -420,7 +420,7 @@ class SummaryWriter:
         if self._thread is None:
             self._process(item)
             return
-        wait = self.timeout if timeout is None else timeout
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)  # both waits below, together
         nbytes = _copied_bytes(item)
         if nbytes:
             with self._drained:
@@ -429,13 +429,13 @@ class SummaryWriter:
 
                 if not room():
                     self._wake.set()
-                    if not self._drained.wait_for(room, wait):
+                    if not self._drained.wait_for(room, max(0.0, deadline - time.monotonic())):
                         self._stall("take a write from its full queue")
                 self._queued_bytes += nbytes
         if self._queue.full():
             self._wake.set()
         try:
-            self._queue.put(item, timeout=wait)
+            self._queue.put(item, timeout=max(0.0, deadline - time.monotonic()))
         except queue.Full:
             with self._drained:
                 self._queued_bytes -= nbytes
