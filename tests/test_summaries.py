@@ -884,40 +884,24 @@ def test_a_stalled_writer_thread_becomes_an_error_within_the_timeout(tmp_path, h
     _wait_for_writer_threads_to_end()
 
 
-def test_a_full_queue_in_front_of_a_stalled_thread_is_an_error_not_a_hang(tmp_path, hung_log_handler):
+@pytest.mark.parametrize("bound", ["count", "bytes"])
+def test_a_full_queue_in_front_of_a_stalled_thread_is_an_error_not_a_hang(tmp_path, hung_log_handler, monkeypatch, bound):
     import time
 
     printed = summaries.add_scalar_summary(torch.tensor(1.0), "printed", print_summary=True)
-    writer = summaries.SummaryWriter(str(tmp_path), timeout=0.3, max_pending=1)
+    if bound == "count":  # a queue of one write
+        writer = summaries.SummaryWriter(str(tmp_path), timeout=0.3, max_pending=1)
+        queued = printed
+    else:  # room for one of the 4,000-byte copies; the default count bound is far away
+        monkeypatch.setattr(summary_writer, "MAX_QUEUED_BYTES", 6000)
+        writer = summaries.SummaryWriter(str(tmp_path), timeout=0.3)
+        queued = summaries.SummaryRecord("big", "histogram", torch.ones(1000))
     writer.write(1, [printed])
     assert hung_log_handler.entered.wait(30)
-    writer.write(2, [printed])  # fills the queue
+    writer.write(2, [queued])  # fills the queue
     start = time.monotonic()
     with pytest.raises(summaries.SummaryWriterError, match="full queue"):
-        writer.write(3, [printed])
-    assert time.monotonic() - start < 5.0
-    with pytest.raises(summaries.SummaryWriterError):
-        writer.close()
-    hung_log_handler.unblock.set()
-    _wait_for_writer_threads_to_end()
-
-
-def test_copies_past_the_byte_bound_in_front_of_a_stalled_thread_are_an_error_not_a_hang(
-        tmp_path, hung_log_handler, monkeypatch):
-    import time
-
-    from torchslim import summary_writer
-
-    monkeypatch.setattr(summary_writer, "MAX_QUEUED_BYTES", 6000)  # room for one of the 4,000-byte copies below
-    printed = summaries.add_scalar_summary(torch.tensor(1.0), "printed", print_summary=True)
-    big = summaries.SummaryRecord("big", "histogram", torch.ones(1000))
-    writer = summaries.SummaryWriter(str(tmp_path), timeout=0.3)  # the default count bound is far away
-    writer.write(1, [printed])
-    assert hung_log_handler.entered.wait(30)
-    writer.write(2, [big])  # waits in the queue: 4,000 bytes of 6,000
-    start = time.monotonic()
-    with pytest.raises(summaries.SummaryWriterError, match="full queue"):
-        writer.write(3, [big])
+        writer.write(3, [queued])
     assert time.monotonic() - start < 5.0
     with pytest.raises(summaries.SummaryWriterError):
         writer.close()
@@ -927,8 +911,6 @@ def test_copies_past_the_byte_bound_in_front_of_a_stalled_thread_are_an_error_no
 
 def test_copies_past_half_the_byte_bound_wake_the_writer_before_its_linger_ends(tmp_path, monkeypatch):
     import time
-
-    from torchslim import summary_writer
 
     monkeypatch.setattr(summary_writer, "_LINGER_SECS", 60.0)  # only a wake makes the thread write
     monkeypatch.setattr(summary_writer, "MAX_QUEUED_BYTES", 10_000)
