@@ -560,13 +560,17 @@ PLAIN_CONFIGS = {
     "device flags": {"device_flags": True, "clip_gradient_norm": 0.05},
     "trained subset": {"variables_to_train": "fc.weight"},
     "scheduled, averaged": {"scheduler": True, "ema": True},
+    "summary steps": {"summarize_gradients": True, "summary_steps": True},
+    "sync numerics": {"clip_gradient_norm": 0.05, "sync_numerics": True},
 }
 
 
 @pytest.mark.parametrize("config", PLAIN_CONFIGS, ids=list(PLAIN_CONFIGS))
 def test_the_common_step_takes_the_plain_path_and_updates_as_the_general_one(monkeypatch, config):
     kwargs = dict(PLAIN_CONFIGS[config])
-    device_flags, scheduled, averaged = (kwargs.pop(k, False) for k in ("device_flags", "scheduler", "ema"))
+    device_flags, scheduled, averaged, summary_steps, sync_numerics = (
+        kwargs.pop(k, False) for k in ("device_flags", "scheduler", "ema", "summary_steps", "sync_numerics")
+    )
     general_calls = []
     real_general = slim.train_op.TrainOp._general_step
 
@@ -592,18 +596,27 @@ def test_the_common_step_takes_the_plain_path_and_updates_as_the_general_one(mon
         if device_flags:
             _device_flags(op)
         op._plain = plain
-        losses = [op((x, y)) for _ in range(4)]
+        op.sync_numerics = sync_numerics
+        losses, summaries = [], []
+        for i in range(4):
+            op.record_summaries = summary_steps and i % 2 == 1
+            losses.append(op((x, y)))
+            summaries.append(sorted(r.tag for r in op.last_step.get(slim.collections.GraphKeys.SUMMARIES, [])))
         op.check_pending_numerics()
-        runs[plain] = (losses, state_of(model), op.step, opt.param_groups[0]["lr"])
+        if summary_steps:  # the gradient summaries are recorded on the summary steps only
+            assert [bool(tags) for tags in summaries] == [False, True, False, True], summaries
+        runs[plain] = (losses, state_of(model), op.step, opt.param_groups[0]["lr"], summaries)
         assert bool(general_calls) is not plain  # the plain configuration never reaches the general path
         general_calls.clear()
-    (plain_losses, plain_state, plain_step, plain_lr), (losses, state, step, lr) = runs[True], runs[False]
-    assert plain_step == step == 4 and plain_lr == lr
+    (plain_losses, plain_state, plain_step, plain_lr, plain_summaries), (losses, state, step, lr, summaries) = (
+        runs[True], runs[False]
+    )
+    assert plain_step == step == 4 and plain_lr == lr and plain_summaries == summaries
     assert all(torch.equal(a, b) and not a.requires_grad for a, b in zip(plain_losses, losses))
     assert all(torch.equal(plain_state[k], state[k]) for k in state)
 
 
-def test_a_hook_or_a_summary_step_sends_the_step_down_the_general_path(monkeypatch):
+def test_a_hook_sends_the_step_down_the_general_path_and_a_summary_step_does_not(monkeypatch):
     model = Logistic()
     x, y = logistic_points()
     op = slim.learning.create_train_op(bce(model), torch.optim.SGD(model.parameters(), lr=0.1))
@@ -618,7 +631,7 @@ def test_a_hook_or_a_summary_step_sends_the_step_down_the_general_path(monkeypat
     seen = []
     op.before_step.append(lambda: seen.append(op.step))
     op((x, y))
-    assert general_calls == [1, 2] and seen == [2]
+    assert general_calls == [2] and seen == [2]
 
 
 def test_profiler_regions_appear_only_while_a_trace_is_recorded(monkeypatch):

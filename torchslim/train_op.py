@@ -246,13 +246,11 @@ class TrainOp(NumericsChecks, TrainOpState):
     # -- one step --------------------------------------------------------------------------------
 
     def __call__(self, batch: Any = _OMITTED) -> torch.Tensor:
-        # The common configuration (one batch; no hooks, fp16 scaler, multipliers, autocast, summaries
-        # or profiler) runs here: the same updates in the same order as _general_step, without its
+        # The common configuration (one batch; no hooks, fp16 scaler, multipliers, autocast or
+        # profiler) runs here: the same updates in the same order as _general_step, without its
         # per-step branches, regions and calls: on benchmarks/loop_overhead.py's MLP the op's instructions
         # over a raw step of 1.15M went from 52k to 18k (callgrind).
-        if not self._plain or (
-            self.before_step or self.after_backward or self.record_summaries or self.sync_numerics or _profiling()
-        ):
+        if not self._plain or self.before_step or self.after_backward or _profiling():
             return self._general_step(batch)
         self.optimizer.zero_grad(set_to_none=True)
         entries: dict[str, list[Any]] = {}
@@ -273,14 +271,23 @@ class TrainOp(NumericsChecks, TrainOpState):
             checked = self.check_numerics and not self.gradients_checked_by_hooks
             if self.check_numerics:
                 self._last_loss = loss
-            on_host = checked and (self._loss_on_host if self._loss_on_host is not None else self._loss_read_on_host())
-            flagged = checked and not on_host
-            if self.clip_gradient_norm > 0 or flagged:
+            # Summary steps and sync_numerics check the gradients before the update, as _apply does.
+            special = self.record_summaries or self.sync_numerics
+            on_host = checked and not special and (
+                self._loss_on_host if self._loss_on_host is not None else self._loss_read_on_host()
+            )
+            flagged = checked and not special and not on_host
+            if self.clip_gradient_norm > 0 or flagged or special:
                 grads = _gradients(self._params)
                 if self.clip_gradient_norm > 0:
                     clip_by_norm_(grads, self.clip_gradient_norm)
                 if flagged:
                     self._flags.update([loss, *grads])
+                elif special:
+                    if checked:
+                        self._check_now(loss, grads)  # no fp16 scaler here, so never a skipped step
+                    if self.summarize_gradients and self.record_summaries:
+                        add_gradients_summaries([(p.grad, p) for p in self._params], self.names)
             if on_host:
                 self._check_loss_now(loss)
             self.optimizer.step()
