@@ -686,6 +686,32 @@ def test_event_checksums_match_tensorboards_own():
         assert event_file._masked_crc32c(data) == masked_crc32c(data), n
 
 
+@pytest.mark.parametrize("walltime, step", [(1.5, 7), (0.0, 0), (1.8e9, 2**40)])
+def test_events_are_encoded_byte_for_byte_as_the_protobuf_runtime_encodes_them(walltime, step):
+    from tensorboard.compat.proto.event_pb2 import Event
+    from tensorboard.compat.proto.summary_pb2 import HistogramProto, Summary
+
+    histograms = event_file._histogram_encodings([("h", torch.randn(100)), ("empty", torch.zeros(0))])
+    image = np.arange(2 * 3 * 4 * 3, dtype=np.uint8).reshape(2, 3, 4, 3)
+    for scalar in (0.0, -0.0, 1.5, -2.25, float("nan"), float("inf"), 1e300, -1e300, 1e-50):
+        values = (
+            event_file._summary_values("losses/total_loss", "scalar", scalar, iter([]))
+            + event_file._summary_values("weights/h", "histogram", None, iter(histograms))
+            + event_file._summary_values("weights/empty", "histogram", None, iter(histograms[1:]))
+            + event_file._summary_values("é/image", "image", image, iter([]))
+        )
+        reference = Event(wall_time=walltime, step=step, summary=Summary(value=[
+            Summary.Value(tag="losses/total_loss", simple_value=scalar),
+            Summary.Value(tag="weights/h", histo=HistogramProto.FromString(histograms[0])),
+            Summary.Value(tag="weights/empty", histo=HistogramProto.FromString(histograms[1])),
+        ] + [
+            Summary.Value(tag=f"é/image/image/{i}", image=Summary.Image(
+                height=3, width=4, colorspace=3, encoded_image_string=event_file._png(image[i])))
+            for i in range(2)
+        ]))
+        assert event_file._event_bytes(walltime, step, values) == reference.SerializeToString(), scalar
+
+
 def test_event_file_is_what_tensorboards_reader_checks(tmp_path):
     """Each record's CRCs are verified by TensorBoard's reader: a flipped byte is reported, not read."""
     from tensorboard.compat.tensorflow_stub.pywrap_tensorflow import PyRecordReader_New
