@@ -634,6 +634,63 @@ def test_a_hook_sends_the_step_down_the_general_path_and_a_summary_step_does_not
     assert general_calls == [2] and seen == [2]
 
 
+def test_the_short_path_calls_the_optimizer_as_its_own_methods_would(recwarn):
+    # Without a profiler the short path skips the optimizer's profiler regions; hooks, a scheduler's count
+    # of steps, an overridden zero_grad and a replaced optimizer are still honoured.
+    from torch.optim import optimizer as optimizer_module
+
+    model = Logistic()
+    x, y = logistic_points()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    calls = []
+    op = slim.learning.create_train_op(bce(model), opt, scheduler=torch.optim.lr_scheduler.StepLR(opt, 1, 0.5))
+    op((x, y))
+    assert not [w for w in recwarn if "lr_scheduler.step()" in str(w.message)]  # it saw the optimizer step first
+    pre = opt.register_step_pre_hook(lambda o, args, kwargs: calls.append(("pre", op.step)))
+    post = optimizer_module.register_optimizer_step_post_hook(lambda o, args, kwargs: calls.append(("post", op.step)))
+    try:
+        op((x, y))
+    finally:
+        pre.remove()
+        post.remove()
+    op((x, y))
+    assert calls == [("pre", 1), ("post", 1)] and op.step == 3 and opt.param_groups[0]["lr"] == 0.1 * 0.5**3
+
+    class CountingSGD(torch.optim.SGD):
+        def zero_grad(self, set_to_none=True):
+            calls.append("zero_grad")
+            super().zero_grad(set_to_none)
+
+    op.optimizer = CountingSGD(model.parameters(), lr=0.1)
+    op.scheduler = None
+    op((x, y))
+    assert calls[-1] == "zero_grad"
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        op((x, y))  # a traced step shows the optimizer's own regions
+    names = {e.name for e in prof.events()}
+    assert "Optimizer.step#CountingSGD.step" in names and any(n.startswith("Optimizer.zero_grad#") for n in names)
+
+
+def test_the_short_path_updates_as_a_hand_loop_does():
+    runs = []
+    for hand in (True, False):
+        slim.collections.reset()
+        torch.manual_seed(0)
+        model = Logistic()
+        x, y = logistic_points()
+        opt = torch.optim.Adam(model.parameters(), lr=0.1)
+        op = slim.learning.create_train_op(bce(model), opt, check_numerics=False)
+        for _ in range(5):
+            if hand:
+                opt.zero_grad()
+                bce(model)((x, y)).backward()
+                opt.step()
+            else:
+                op((x, y))
+        runs.append(state_of(model))
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
 def test_profiler_regions_appear_only_while_a_trace_is_recorded(monkeypatch):
     model = Logistic()
     x, y = logistic_points()

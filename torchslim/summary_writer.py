@@ -10,51 +10,37 @@ Order of events in :meth:`SummaryWriter.write`:
 
     caller's thread:  detach + copy each record's tensor (CPU clone, or a queued
                       non-blocking copy from a GPU), put the copies on a bounded queue
-    writer thread:    wait for GPU copies, histograms (torch ops), PNGs (zlib),
-                      one Event proto per step, TFRecord framing with CRC-32C, file
+    writer thread:    wait for GPU copies, histograms (numpy), PNGs (zlib), one
+                      encoded Event per step, TFRecord framing with CRC-32C, file
 
-Design, measured: the MLP of ``benchmarks/summaries_overhead.py``, a hand
-loop writing histograms of its 4 parameters and 2 scalars every 10 steps, 1
-torch thread, medians (ranges) of 9 interleaved rounds against the same loop
-without summaries, on 2 cores shared with six other jobs (load 9-16):
+Design, measured on ``benchmarks/summaries_overhead.py`` (the MLP; histograms
+of its 4 parameters and 4 scalars every 10 steps): the summary run against
+the no-summary run at 1 / 2 torch threads, medians of paired rounds, 2-core VM:
 
-    helper process (the previous design, with the C CRC, started before
-        timing, no torch import): 0.924x (0.346-1.072); start-up 2.0-2.6 s,
-        about 60 MB more memory, a reader thread, and a process that can be
-        stopped or killed on its own
-    writer thread, histograms in torch ops (which release the GIL):
-        0.988x (0.607-1.636); no start-up, nothing left to outlive training
+    writer thread, histograms as torch ops (torch.bucketize):   0.60x / 0.32x
+    writer thread, histograms as numpy passes over float32:      0.75x / 0.78x
+    the same, woken once a second (the queue bounded by bytes,
+        below) and events encoded by event_file (now):           0.79-0.82x / 0.77-0.82x
+    the thread's work dropped (writes taken and discarded):      0.87x / 0.90x
+    a helper process writing the file (``python -c`` loading
+        event_file: numpy and the CRC, no torch; 0.1 s and 32 MB
+        to start; nice 19), the thread piping it the batches:    0.81-0.83x / 0.52-0.63x
 
 so the writer is a thread. It wakes once a second (or when its queue is half
 full, by count or by the bytes of its copies, or for a flush or close) and
-takes every queued write at once, so the
-training thread loses the GIL once a batch instead of once a write, and all
-the histograms of that batch are one numpy computation
-(``event_file._histogram_protos``). What the writer costs is its CPU: beside
-training at 1 torch thread it holds the GIL and shares the caches; at 2
-threads on 2 cores any work beside training stalls its OpenMP regions (and
-``torch.set_num_threads`` is process-wide, so the writer can't run on one).
-Measured on ``benchmarks/summaries_overhead.py`` (2000 steps, 3 rounds,
-2-core VM, 2026-12-03, both versions in the same hour), the summary run
-against the no-summary run, at 1 and 2 torch threads: histograms as torch
-ops with ``torch.bucketize`` over the whole batch, 0.60x and 0.32x; as
-numpy passes over float32 (a bucket from ``log|v|``, exact lookups near the
-limits), 0.75x and 0.78x (5 rounds later: 0.745x, range 0.50-0.85, and
-0.775x, range 0.69-1.31). The writer still takes about 0.4 ms of CPU a
-write of 4 histograms and 4 scalars (the histograms 0.3 ms of it, events
-and framing 0.05 ms), and the training thread 0.1-0.2 ms (copies, scalars):
-at a write every 10 steps of a 0.7 ms step that is the gap to 0.95x.
-Split again later that day (5 paired rounds, 0.35 ms steps). The queue then
-held 8 writes and the thread woke every 4 (every 40 steps, not once a
-second): 0.727x whole, 0.866x with the thread's work dropped (writes taken
-and discarded). Bounded by bytes instead (:data:`MAX_QUEUED_BYTES`; 256
-writes), 0.828x whole and 0.96x dropped at 1 torch thread, 0.807x and 0.89x
-at 2. A separate process burning 15% of a core beside the no-summary run
-slowed it by nothing measurable, and ``sys.setswitchinterval(0.0002)``
-changed nothing (0.747x against 0.750x): what the thread costs at 1 torch
-thread is its time holding the GIL, which training waits out one for one. A
-writer process would remove that part, at the start-up and failure modes
-measured above.
+takes every queued write at once, so the training thread loses the GIL once
+a batch instead of once a write, and all the histograms of that batch are
+one numpy computation (``event_file._histogram_encodings``). What it costs
+at 1 torch thread is its time holding the GIL, which training waits out one
+for one: numpy's concatenate, bincount and repeat hold it over the whole
+batch (a training loop beside each, run without pause, went 3.3x, 3.4x and
+2.1x slower; beside ``np.log``, which releases it, 1.27x). torch's cat and
+bincount release it, but at 2 torch threads they start OpenMP work beside
+training's (0.50x). A helper process removes the GIL part, but its pipe, its
+start and its CPU cost about as much at 1 thread, and at 2 threads it takes a
+core from training's OpenMP regions even at nice 19. The earlier helper
+process (with torch imported) measured 0.924x against the thread's 0.988x
+under heavy load, with 2.0-2.6 s to start and 60 MB more memory.
 
 Every wait on the writer is bounded by ``timeout`` seconds
 (default :data:`DEFAULT_TIMEOUT`): a write that finds the queue full, a
@@ -229,7 +215,7 @@ def read_values(records: Sequence[SummaryRecord]) -> list[tuple[str, str, Any]]:
 _CLOSE = object()
 # The writer thread wakes this often, or when its queue is half full, or for a flush or close. Each wake
 # costs the training thread GIL hand-overs; so writes are taken in batches, whose histograms are one
-# computation (event_file._histogram_protos). Waking on every write instead, as queue.get does, made
+# computation (event_file._histogram_encodings). Waking on every write instead, as queue.get does, made
 # training with histograms of 4 parameters every 10 steps <0.6x as fast as without (summaries benchmark).
 _LINGER_SECS = 1.0
 # The copies that may wait for the writer thread: it is woken at half of this, and write() waits for room
