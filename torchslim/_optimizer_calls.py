@@ -38,7 +38,7 @@ def unlabelled_zero_grad(optimizer: Any) -> Callable[[], None]:
         >>> net(torch.ones(1, 2)).sum().backward(); unlabelled_zero_grad(opt)(); net.weight.grad is None
         True
     """
-    if type(optimizer).zero_grad is not torch.optim.Optimizer.zero_grad or "zero_grad" in vars(optimizer):
+    if type(optimizer).zero_grad is not torch.optim.Optimizer.zero_grad or "zero_grad" in getattr(optimizer, "__dict__", {}):
         return lambda: optimizer.zero_grad(set_to_none=True)
 
     def zero_grad() -> None:
@@ -75,7 +75,7 @@ def unlabelled_step(optimizer: Any) -> Callable[[], Any]:
     def unlabelled() -> Any:
         if (
             global_pre or global_post or optimizer._optimizer_step_pre_hooks or optimizer._optimizer_step_post_hooks
-            or "step" in vars(optimizer)
+            or "step" in optimizer.__dict__
         ):
             return optimizer.step()
         out = step(optimizer)
