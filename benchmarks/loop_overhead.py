@@ -155,25 +155,13 @@ def main() -> None:
     data = [(x.to(device), y.to(device)) for x, y in data]
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
-    def raw() -> float:
+    def raw(steps: Callable[..., None] = _common.raw_steps) -> float:
         torch.manual_seed(0)
         model = make_model().to(device)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
 
         def loop() -> None:
-            _common.raw_steps(model, opt, data, args.steps)
-            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, os.path.join(tmp, "raw.pt"))
-            sync()
-
-        return _common.timed(loop)
-
-    def raw_unlabelled() -> float:
-        torch.manual_seed(0)
-        model = make_model().to(device)
-        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-
-        def loop() -> None:
-            _common.raw_steps_unlabelled(model, opt, data, args.steps)
+            steps(model, opt, data, args.steps)
             torch.save({"model": model.state_dict(), "optimizer": opt.state_dict()}, os.path.join(tmp, "raw.pt"))
             sync()
 
@@ -223,7 +211,7 @@ def main() -> None:
         return _common.timed(loop)
 
     tmp = tempfile.mkdtemp()
-    runs = {"raw": raw, "unlabelled": raw_unlabelled, "slim": slim_train, "defaults": slim_defaults}
+    runs = {"raw": raw, "unlabelled": lambda: raw(_common.raw_steps_unlabelled), "slim": slim_train, "defaults": slim_defaults}
     times: dict[str, list[float]] = {name: [] for name in runs}
     try:
         for fn in runs.values():  # warm-up

@@ -825,7 +825,9 @@ def test_histograms_computed_in_several_groups_each_follow_tensorflows_definitio
     named = [("a", torch.randn(20) * 1e-3), ("empty", torch.zeros(0)), ("b", torch.randn(3, 4, dtype=torch.float64)),
              ("c", -torch.rand(9) * 1e6), ("d", torch.tensor([0.0, -0.0, 5e-324], dtype=torch.float64)),
              ("e", torch.randn(30).to(torch.bfloat16))]
-    protos = event_file._histogram_protos(named)
+    from tensorboard.compat.proto.summary_pb2 import HistogramProto
+
+    protos = [HistogramProto.FromString(b) for b in event_file._histogram_encodings(named)]
     assert len(protos) == len(named)
     for (tag, t), proto in zip(named, protos):
         values = t.double().reshape(-1).tolist()

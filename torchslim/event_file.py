@@ -100,13 +100,6 @@ def _histogram_encodings(named: list[tuple[str, torch.Tensor]]) -> list[bytes]:
     return protos
 
 
-def _histogram_protos(named: list[tuple[str, torch.Tensor]]) -> list[Any]:
-    """:func:`_histogram_encodings` parsed into HistogramProtos."""
-    from tensorboard.compat.proto.summary_pb2 import HistogramProto
-
-    return [HistogramProto.FromString(b) for b in _histogram_encodings(named)]
-
-
 def _group_protos(group: list[tuple[str, np.ndarray]]) -> list[bytes]:
     width, rows = len(BUCKET_LIMITS), len(group)
     sizes = np.array([a.size for _, a in group])
@@ -332,4 +325,3 @@ class EventFile:
 
     def close(self) -> None:
         self._file.close()
-

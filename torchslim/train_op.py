@@ -231,9 +231,7 @@ class TrainOp(NumericsChecks, TrainOpState):
         # None: decided at the first step (see NumericsChecks._loss_read_on_host); False: device-side flags
         self._loss_on_host: bool | None = None
         self._graph: torch.Tensor | None = None
-        self._calls_for: Any = None  # the optimizer _zero_grad and _optimizer_step were made for
-        self._zero_grad: Callable[[], None] = self.optimizer.zero_grad
-        self._optimizer_step: Callable[[], Any] = self.optimizer.step
+        self._bind_optimizer_calls()
         self._averages = [op.moving_average for op in update_ops if hasattr(op, "moving_average")]
         # The configuration whose steps take the short path of __call__; hooks and per-step switches
         # are checked at each call, since wrappers set them after construction.
@@ -256,9 +254,8 @@ class TrainOp(NumericsChecks, TrainOpState):
         # over a raw step of 1.15M went from 52k to 18k (callgrind).
         if not self._plain or self.before_step or self.after_backward or _profiling():
             return self._general_step(batch)
-        if self._calls_for is not self.optimizer:  # the optimizer's calls without profiler regions
-            self._calls_for = self.optimizer
-            self._zero_grad, self._optimizer_step = unlabelled_zero_grad(self.optimizer), unlabelled_step(self.optimizer)
+        if self._calls_for is not self.optimizer:  # op.optimizer was replaced
+            self._bind_optimizer_calls()
         self._zero_grad()
         entries: dict[str, list[Any]] = {}
         token = _collections._step.set(entries)
@@ -308,6 +305,12 @@ class TrainOp(NumericsChecks, TrainOpState):
             self.last_step = entries
             _collections._step.reset(token)
         return loss
+
+    def _bind_optimizer_calls(self) -> None:
+        """The optimizer's zero_grad and step as the short path makes them: without profiler regions."""
+        self._calls_for = self.optimizer
+        self._zero_grad = unlabelled_zero_grad(self.optimizer)
+        self._optimizer_step = unlabelled_step(self.optimizer)
 
     def _general_step(self, batch: Any) -> torch.Tensor:
         """A step of any configuration: hooks, micro-batches, autocast, fp16 scaling, profiler regions."""
