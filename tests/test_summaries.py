@@ -816,6 +816,63 @@ def test_histograms_of_many_writes_each_follow_tensorflows_definition(tmp_path):
         assert [(list(h.histogram_value.bucket_limit), [int(c) for c in h.histogram_value.bucket]) for h in got] == expected[name]
 
 
+@pytest.mark.parametrize("group_values", [1 << 16, 50])
+def test_histograms_in_a_reused_workspace_are_those_in_fresh_arrays(monkeypatch, group_values):
+    # The writer computes float32 groups in one workspace, kept between batches; a batch of another
+    # layout, mixed dtypes and a tensor past the workspace's size take fresh arrays: all encode alike.
+    monkeypatch.setattr(event_file, "_GROUP_VALUES", group_values)
+    torch.manual_seed(3)
+    workspace = event_file._Workspace()
+    batches = [
+        [("a", torch.randn(40)), ("b", torch.randn(7, 3) * 1e4), ("empty", torch.zeros(0))],
+        [("a", torch.randn(40)), ("b", torch.randn(7, 3) * 1e-6), ("empty", torch.zeros(0))],  # same layout
+        [("c", torch.randn(100)), ("d", torch.randn(5, dtype=torch.float64)), ("e", torch.arange(6))],
+        [("big", torch.randn(200)), ("zeros", torch.zeros(9))],
+    ]
+    for named in batches * 2:
+        assert event_file._histogram_encodings(named, workspace) == event_file._histogram_encodings(named)
+    assert workspace.size > 0
+
+
+def test_snapshot_buffers_are_reused_and_every_write_keeps_its_own_values(tmp_path):
+    # write() copies float32 CPU values into one buffer, which the writer hands back once written and a
+    # later write reuses: each step's values must still be that step's.
+    t = torch.zeros(50)
+    summaries.add_histogram_summary(t, "t")
+    summaries.add_scalar_summary(t[3], "t3")
+    for asynchronous in (False, True):
+        logdir = tmp_path / str(asynchronous)
+        with summaries.SummaryWriter(str(logdir), asynchronous=asynchronous) as writer:
+            for step in range(1, 13):
+                t.fill_(float(step))
+                writer.write(step, scalars={"lr": 0.5 * step, "loss": t[0] * 2})
+                if step % 3 == 0:
+                    writer.flush()  # the writer thread takes the writes so far and hands their buffers back
+            taken = len(writer._buffers._free)
+        assert taken >= 1  # handed back
+        acc = read_events(str(logdir))
+        assert scalar_series(acc, "t3") == [(s, float(s)) for s in range(1, 13)]
+        assert scalar_series(acc, "lr") == [(s, 0.5 * s) for s in range(1, 13)]
+        assert scalar_series(acc, "loss") == [(s, 2.0 * s) for s in range(1, 13)]
+        assert [(h.step, h.histogram_value.min, h.histogram_value.max, h.histogram_value.num) for h in acc.Histograms("t")] == [
+            (s, float(s), float(s), 50) for s in range(1, 13)
+        ]
+
+
+def test_write_scalars_are_checked_before_anything_is_queued(tmp_path):
+    with summaries.SummaryWriter(str(tmp_path)) as writer:
+        with pytest.raises(ValueError, match="argument 'scalars' must be a dict"):
+            writer.write(1, records=[], scalars=[("lr", 0.1)])
+        with pytest.raises(ValueError, match="argument 'scalars': a tag must be a non-empty string"):
+            writer.write(1, records=[], scalars={"": 0.1})
+        with pytest.raises(ValueError, match="argument 'scalars': the value of 'lr' must be a number"):
+            writer.write(1, records=[], scalars={"lr": "0.1"})
+        with pytest.raises(ValueError, match="argument 'scalars': the value of 'x' must hold one real value"):
+            writer.write(1, records=[], scalars={"x": torch.ones(3)})
+        writer.write(2, records=[], scalars={"lr": 0.25})
+    assert scalar_series(read_events(str(tmp_path)), "lr") == [(2, 0.25)]
+
+
 @pytest.mark.parametrize("group_values, group_rows", [(7, 1024), (1 << 20, 2)])
 def test_histograms_computed_in_several_groups_each_follow_tensorflows_definition(monkeypatch, group_values, group_rows):
     # A batch's histograms are computed together up to a number of values and of tensors; past either, in groups.

@@ -63,11 +63,12 @@ _LOG_FIRST, _LOG_RATIO = math.log(BUCKET_LIMITS[_N + 2]), math.log(1.1)
 # The bucket of v is estimated from log|v| in float32 and looked up exactly when the estimate lies within
 # this fraction of a bucket of a limit (float32's log is off by < 2e-5 of a bucket here).
 _NEAR = 1e-3
-# Histograms are computed together up to this many values and tensors (memory stays bounded).
-_GROUP_VALUES, _GROUP_ROWS = 1 << 20, 1024
+# Histograms are computed together up to this many values and tensors: a workspace of 2.4 MB, and a
+# count array of at most 64 x 1,551 buckets (0.8 MB), both small enough to be reused rather than faulted in.
+_GROUP_VALUES, _GROUP_ROWS = 1 << 16, 64
 
 
-def _histogram_encodings(named: list[tuple[str, torch.Tensor]]) -> list[bytes]:
+def _histogram_encodings(named: list[tuple[str, Any]], workspace: _Workspace | None = None) -> list[bytes]:
     """Serialized HistogramProtos as TensorFlow encodes them (histogram.cc), one per ``(tag, values)``:
     a value v falls in the bucket whose right limit is the first limit > v;
     runs of empty buckets inside the range collapse into their last one.
@@ -87,23 +88,72 @@ def _histogram_encodings(named: list[tuple[str, torch.Tensor]]) -> list[bytes]:
     group: list[tuple[str, np.ndarray]] = []
     filled = 0
     for tag, values in named:
-        array = (values.float() if values.dtype == torch.bfloat16 else values).numpy().reshape(-1)
+        if isinstance(values, np.ndarray):
+            array = values.reshape(-1)
+        else:
+            array = (values.float() if values.dtype == torch.bfloat16 else values).numpy().reshape(-1)
         if array.dtype.kind != "f":  # integers, booleans: exact in float64, as TF converts them
             array = array.astype(np.float64)
         if group and (filled + array.size > _GROUP_VALUES or len(group) == _GROUP_ROWS):
-            protos += _group_protos(group)
+            protos += _group_protos(group, workspace)
             group, filled = [], 0
         group.append((tag, array))
         filled += array.size
     if group:
-        protos += _group_protos(group)
+        protos += _group_protos(group, workspace)
     return protos
 
 
-def _group_protos(group: list[tuple[str, np.ndarray]]) -> list[bytes]:
+class _Workspace:
+    """The arrays one writer's histogram groups of float32 values are computed in, kept from group to group.
+
+    Fresh arrays the size of a group are fresh pages from the OS: 4,700 page
+    faults a group of 400 tensors (960k values), half of its time on this
+    VM, and those inside numpy calls that hold the GIL held up training. A
+    workspace is kept for groups of at most ``_GROUP_VALUES`` values (37
+    bytes a value: 2.4 MB); a bigger tensor, or values of other dtypes, get
+    arrays of their own."""
+
+    def __init__(self) -> None:
+        self.size = 0
+        self._offsets_for: bytes | None = None
+
+    def arrays(self, n: int) -> tuple[np.ndarray, ...]:
+        if n > self.size:
+            self.size = max(n, min(_GROUP_VALUES, 2 * self.size))
+            self.values, self.est, self.index, self.offsets = (np.empty(self.size, np.float32) for _ in range(4))
+            self.doubles, self.keys, self.mask = np.empty(self.size), np.empty(self.size, np.intp), np.empty(self.size, bool)
+            self._offsets_for = None
+        return self.values[:n], self.doubles[:n], self.est[:n], self.index[:n], self.mask[:n], self.keys[:n]
+
+    def row_offsets(self, sizes: np.ndarray, width: int) -> np.ndarray:
+        """Each value's row times ``width``; the layout of groups repeats from batch to batch."""
+        key = sizes.tobytes()
+        out = self.offsets[: int(sizes.sum())]
+        if key != self._offsets_for:
+            out[:] = np.repeat(np.arange(0, sizes.size * width, width, dtype=np.float32), sizes)
+            self._offsets_for = key
+        return out
+
+
+def _fresh_arrays(n: int, dtype: Any) -> tuple[np.ndarray, ...]:
+    return (np.empty(n, dtype), np.empty(n), np.empty(n, np.float32), np.empty(n, np.float32),
+            np.empty(n, bool), np.empty(n, np.intp))
+
+
+def _group_protos(group: list[tuple[str, np.ndarray]], workspace: _Workspace | None = None) -> list[bytes]:
     width, rows = len(BUCKET_LIMITS), len(group)
-    sizes = np.array([a.size for _, a in group])
-    values = np.concatenate([a for _, a in group]) if rows > 1 else group[0][1]
+    arrays = [a for _, a in group]
+    sizes = np.array([a.size for a in arrays])
+    n = int(sizes.sum())
+    single_only = all(a.dtype == np.float32 for a in arrays)
+    if workspace is not None and single_only and n <= _GROUP_VALUES:
+        values, doubles, est, index, mask, keys = workspace.arrays(n)
+        offsets: np.ndarray | None = workspace.row_offsets(sizes, width) if rows > 1 else None
+    else:
+        values, doubles, est, index, mask, keys = _fresh_arrays(n, np.float32 if single_only else np.result_type(*arrays))
+        offsets = np.repeat(np.arange(0, rows * width, width, dtype=np.float32), sizes) if rows > 1 else None
+    np.concatenate(arrays, out=values)
     filled = sizes > 0
     starts = (np.cumsum(sizes) - sizes)[filled]
     stats = np.zeros((4, rows))
@@ -113,21 +163,22 @@ def _group_protos(group: list[tuple[str, np.ndarray]]) -> list[bytes]:
         if not (np.isfinite(stats[0]).all() and np.isfinite(stats[1]).all()):  # NaN or +-inf in a min or a max
             bad = next(tag for tag, a in group if a.size and not np.isfinite(a).all())
             raise ValueError(f"histogram summary {bad!r}: the tensor holds NaN or infinite values")
-        doubles = values.astype(np.float64)  # a copy (squared in place below): TF sums doubles
+        np.copyto(doubles, values)  # squared in place below: TF sums doubles
         stats[2, filled] = np.add.reduceat(doubles, starts)
         with np.errstate(over="ignore"):  # squares past DBL_MAX are inf, as in TF
             stats[3, filled] = np.add.reduceat(np.multiply(doubles, doubles, out=doubles), starts)
     # Doubles past float32's range become inf, and log(0) is -inf: both make NaN below, looked up exactly.
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
-        single = values.astype(np.float32, copy=False)
-        est = np.abs(single)
+        single = values if single_only else values.astype(np.float32)
+        np.abs(single, out=est)
         np.log(est, out=est)
         est -= _LOG_FIRST
         est /= _LOG_RATIO
-        index = np.floor(est)
+        np.floor(est, out=index)
         est -= index
         est -= 0.5
-        near = np.flatnonzero(~(np.abs(est, out=est) <= 0.5 - _NEAR))
+        np.less_equal(np.abs(est, out=est), 0.5 - _NEAR, out=mask)
+        near = np.flatnonzero(np.logical_not(mask, out=mask))
     # the count of positive limits <= |v| (for v < 0: < |v|, the same off a limit), then the bucket from the middle
     index += 1.5
     np.clip(index, 0.5, _N + 0.5, out=index)
@@ -135,9 +186,10 @@ def _group_protos(group: list[tuple[str, np.ndarray]]) -> list[bytes]:
     index += _N + 1.5
     if near.size:
         index[near] = np.minimum(np.searchsorted(_LIMITS, values[near].astype(np.float64), side="right"), width - 1)
-    if rows > 1:  # each tensor counts in its own row of buckets
-        index += np.repeat(np.arange(0, rows * width, width, dtype=np.float32), sizes)
-    counts = np.bincount(index.astype(np.intp), minlength=rows * width)
+    if offsets is not None:  # each tensor counts in its own row of buckets
+        index += offsets
+    np.copyto(keys, index, casting="unsafe")
+    counts = np.bincount(keys, minlength=rows * width)
     # Kept: the nonempty buckets, and of a run of empty ones inside a row's range its last one, which is
     # the bucket before a nonempty one that is not its row's first.
     nonempty = np.flatnonzero(counts)
@@ -150,24 +202,25 @@ def _group_protos(group: list[tuple[str, np.ndarray]]) -> list[bytes]:
     kept = np.flatnonzero(mark)
     per_row = np.bincount(kept // width, minlength=rows)
     ends = np.cumsum(per_row)
-    limits, kept_counts = _LIMITS[kept % width].astype("<f8"), counts[kept].astype("<f8")  # protobuf's byte order
+    # protobuf's byte order; each row's part is sliced from the bytes, not from the arrays
+    limits = _LIMITS[kept % width].astype("<f8").tobytes()
+    kept_counts = counts[kept].astype("<f8").tobytes()
     protos = []
-    for r, (lo, hi, total, squares) in enumerate(stats.T.tolist()):
-        if sizes[r] == 0:  # TF's empty histogram
+    for (lo, hi, total, squares), size, start, end in zip(
+        stats.T.tolist(), sizes.tolist(), (8 * (ends - per_row)).tolist(), (8 * ends).tolist()
+    ):
+        if size == 0:  # TF's empty histogram
             lo, hi = BUCKET_LIMITS[-1], -BUCKET_LIMITS[-1]
-        protos.append(_histogram_bytes(
-            (lo, hi, float(sizes[r]), total, squares), limits[ends[r] - per_row[r]:ends[r]],
-            kept_counts[ends[r] - per_row[r]:ends[r]],
-        ))
+        protos.append(_histogram_bytes((lo, hi, float(size), total, squares), limits[start:end], kept_counts[start:end]))
     return protos
 
 
 _DOUBLE_FIELDS = struct.Struct("<BdBdBdBdBd")
 
 
-def _histogram_bytes(scalars: tuple[float, ...], limits: np.ndarray, counts: np.ndarray) -> bytes:
+def _histogram_bytes(scalars: tuple[float, ...], limits: bytes, counts: bytes) -> bytes:
     """A serialized HistogramProto: min, max, num, sum, sum_squares (doubles, fields 1-5), then
-    bucket_limit and bucket as packed doubles (fields 6 and 7), straight from little-endian float64 arrays.
+    bucket_limit and bucket as packed doubles (fields 6 and 7), given as little-endian float64 bytes.
 
     Made here rather than built from Python lists: 100 histograms of about 100 buckets take 2 ms as
     lists of floats (the lists and the conversion) and 0.3 ms this way."""
@@ -178,13 +231,20 @@ def _histogram_bytes(scalars: tuple[float, ...], limits: np.ndarray, counts: np.
             key + _DOUBLE.pack(v) for key, v in zip((b"\x09", b"\x11", b"\x19", b"\x21", b"\x29"), scalars)
             if v or math.copysign(1.0, v) < 0
         ])
-    if not limits.size:
+    if not limits:
         return head
-    data = limits.tobytes(), counts.tobytes()
-    return b"".join((head, b"\x32", _varint(len(data[0])), data[0], b"\x3a", _varint(len(data[1])), data[1]))
+    n = _varint(len(limits))
+    return b"".join((head, b"\x32", n, limits, b"\x3a", n, counts))
+
+
+_ONE_BYTE_VARINTS = [bytes((n,)) for n in range(0x80)]
 
 
 def _varint(n: int) -> bytes:
+    if n < 0x80:
+        return _ONE_BYTE_VARINTS[n]
+    if n < 0x4000:
+        return bytes(((n & 0x7F) | 0x80, n >> 7))
     out = bytearray()
     while n >= 0x80:
         out.append((n & 0x7F) | 0x80)
@@ -229,13 +289,26 @@ def _float32(value: float) -> bytes:
         return _FLOAT.pack(math.copysign(math.inf, value))
 
 
+_TAG_FIELDS: dict[str, bytes] = {}  # tag -> its encoded field 1 of Summary.Value; tags repeat every write
+
+
+def _tag_field(tag: str) -> bytes:
+    field = _TAG_FIELDS.get(tag)
+    if field is None:
+        if len(_TAG_FIELDS) > 100_000:  # tags made up per step: stay bounded
+            _TAG_FIELDS.clear()
+        field = _TAG_FIELDS[tag] = _field(b"\x0a", tag.encode())
+    return field
+
+
 def _summary_values(tag: str, kind: str, value: Any, histograms: Iterator[bytes]) -> list[bytes]:
     """Serialized Summary.Value messages for one finalized value (tag: field 1, simple_value: 2,
     image: 4, histo: 5); a histogram's encoding is the next of ``histograms``."""
     if kind == "scalar":
-        return [_field(b"\x0a", tag.encode()) + b"\x15" + _float32(value)]
+        return [_tag_field(tag) + b"\x15" + _float32(value)]
     if kind == "histogram":
-        return [_field(b"\x0a", tag.encode()) + _field(b"\x2a", next(histograms))]
+        histogram = next(histograms)
+        return [b"".join((_tag_field(tag), b"\x2a", _varint(len(histogram)), histogram))]
     from tensorboard.compat.proto.summary_pb2 import Summary
 
     out = []
@@ -251,11 +324,14 @@ def _event_bytes(walltime: float, step: int, values: list[bytes]) -> bytes:
 
     Encoded here, as the protobuf runtime would (fields in order, zeros left out): building the
     protos cost the writer 0.1 ms of the 0.3 ms a write of 4 histograms and 4 scalars took."""
-    summary = b"".join([_field(b"\x0a", v) for v in values])
+    parts: list[bytes] = []
+    for v in values:
+        parts += (b"\x0a", _varint(len(v)), v)
+    summary = b"".join(parts)
     head = b"\x09" + _DOUBLE.pack(walltime) if walltime else b""
     if step:
         head += b"\x10" + _varint(step)
-    return head + _field(b"\x2a", summary)
+    return b"".join((head, b"\x2a", _varint(len(summary)), summary))
 
 
 def print_value(tag: str, kind: str, value: Any) -> None:
@@ -294,6 +370,7 @@ class EventFile:
         self.path = os.path.join(logdir, name)
         self._file = open(self.path, "ab")  # noqa: SIM115 - closed by close()
         self._last_flush = time.monotonic()
+        self._workspace = _Workspace()
         self._append(Event(wall_time=now, file_version="brain.Event:2"))
         if purge_step is not None:  # TensorBoard drops the events of steps >= purge_step written before
             self._append(Event(wall_time=now, step=purge_step, session_log=SessionLog(status=SessionLog.START)))
@@ -303,7 +380,8 @@ class EventFile:
         self._file.write(_tf_record(event.SerializeToString()))
 
     def write(self, batch: _Batch) -> None:
-        histograms = iter(_histogram_encodings([(t, v) for _, _, values in batch for t, k, v in values if k == "histogram"]))
+        named = [(t, v) for _, _, values in batch for t, k, v in values if k == "histogram"]
+        histograms = iter(_histogram_encodings(named, self._workspace))
         by_step: dict[int, tuple[float, list[bytes]]] = {}
         for step, walltime, values in batch:
             out = by_step.setdefault(step, (walltime, []))[1]

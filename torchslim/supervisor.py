@@ -230,6 +230,7 @@ class Supervisor:
         self._summaries_on = writes and summary_op is not None and summary_writer is not None and summary_trigger is not None
         self.summary_due = summary_trigger if self._summaries_on else None
         self.writer: Any = None
+        self._writer_takes_scalars = False
         self.restored_from: str | None = None
         self._queue_runners: Any = None
         self.coordinator: Any = None
@@ -322,6 +323,7 @@ class Supervisor:
         else:
             self.writer = self._writer_arg
             self._owns_writer = False
+        self._writer_takes_scalars = isinstance(self.writer, summaries.SummaryWriter)
 
     def batches(self) -> Iterator[Any]:
         """The iterator of batches the loop takes from (the train op's no-batch marker when data is None)."""
@@ -387,16 +389,22 @@ class Supervisor:
         step = op.step
         if self.summary_op is None:
             records = _collections.get_collection(GraphKeys.SUMMARIES) + op.last_step.get(GraphKeys.SUMMARIES, [])
+            scalars: dict[str, Any] = {}
             if loss is not None:
-                self.writer.add_scalar("losses/total_loss", loss, step)
+                scalars["losses/total_loss"] = loss
             for i, group in enumerate(op.optimizer.param_groups):
                 lr = group.get("lr")
                 if lr is not None:
-                    self.writer.add_scalar("learning_rate" if i == 0 else f"learning_rate/group_{i}", lr, step)
+                    scalars["learning_rate" if i == 0 else f"learning_rate/group_{i}"] = lr
             now = time.monotonic()
             if self._last_summary is not None and now > self._last_summary[1] and step > self._last_summary[0]:
-                self.writer.add_scalar("global_step/sec", (step - self._last_summary[0]) / (now - self._last_summary[1]), step)
+                scalars["global_step/sec"] = (step - self._last_summary[0]) / (now - self._last_summary[1])
             self._last_summary = (step, now)
+            if self._writer_takes_scalars:  # the scalars travel with the records' copy, in one hand-over
+                self.writer.write(step, records, scalars=scalars)
+                return
+            for tag, value in scalars.items():
+                self.writer.add_scalar(tag, value, step)
         else:
             records = list(self.summary_op)
         self.writer.write(step, records)
