@@ -171,12 +171,13 @@ class _FlatBuffers:
 
     Reused rather than allocated: on the summaries benchmark's MLP, malloc
     took 69k instructions of each write's 545k on the training thread
-    (callgrind), for the one 38 KB buffer. Only small buffers are kept (at
-    most ``COUNT`` of at most ``MAX_BYTES``): a big one's copy costs far
-    more than its allocation. list.append and list.pop are atomic, so the
-    two threads share the list without a lock."""
+    (callgrind), and the fresh pages of its 38 KB buffer 10 page faults.
+    Only small buffers are kept (each at most ``MAX_BYTES``, and as many as
+    make ``KEPT_BYTES`` of the size handed back): a big one's copy costs far
+    more than its allocation. list.append and list.pop are atomic, so the two threads
+    share the list without a lock."""
 
-    COUNT, MAX_BYTES = 32, 256 << 10
+    MAX_BYTES, KEPT_BYTES = 256 << 10, 8 << 20
 
     def __init__(self) -> None:
         self._free: list[torch.Tensor] = []
@@ -190,7 +191,8 @@ class _FlatBuffers:
         return buf if n == numel else buf[:numel] if n > numel else None
 
     def give_back(self, buf: torch.Tensor) -> None:
-        if buf.nbytes <= self.MAX_BYTES and len(self._free) < self.COUNT:
+        nbytes = buf.nbytes
+        if 0 < nbytes <= self.MAX_BYTES and len(self._free) < self.KEPT_BYTES // nbytes:
             self._free.append(buf)
 
 
@@ -300,6 +302,11 @@ _LINGER_SECS = 1.0
 # linger (at 8 writes, the writer woke every 4 writes and the summaries benchmark ran at 0.76x, at 256
 # with this bound at 0.84x, 1 torch thread) while a large model's writes still wake it at once.
 MAX_QUEUED_BYTES = 64 << 20
+# ...and it is woken once this many bytes of float32 copies wait: enough for a few histogram groups
+# (event_file._GROUP_VALUES), and few enough that the buffers it hands back are there for the next
+# writes (_FlatBuffers): a write that found none took a fresh 38 KB buffer on the summaries benchmark,
+# 10 page faults on the training thread.
+_WAKE_BYTES = 1 << 20
 
 
 def _copied_bytes(item: Any) -> int:
@@ -531,7 +538,7 @@ class SummaryWriter:
             self._stall("take a write from its full queue")
         if (
             not isinstance(item, list) or 2 * self._queue.qsize() >= self._queue.maxsize
-            or 2 * self._queued_bytes >= MAX_QUEUED_BYTES
+            or self._queued_bytes >= _WAKE_BYTES
         ):
             self._wake.set()
 
