@@ -1012,6 +1012,25 @@ def test_copies_past_half_the_byte_bound_wake_the_writer_before_its_linger_ends(
     assert [h.step for h in acc.Histograms("small")] == [1] and [h.step for h in acc.Histograms("big")] == [2]
 
 
+def test_a_megabyte_of_waiting_copies_wakes_the_writer_so_their_buffers_come_back(tmp_path, monkeypatch):
+    import time
+
+    monkeypatch.setattr(summary_writer, "_LINGER_SECS", 60.0)  # only a wake makes the thread write
+    monkeypatch.setattr(summary_writer, "_WAKE_BYTES", 4_000)
+    t = torch.ones(500)  # 2,000 bytes a write
+    with summaries.SummaryWriter(str(tmp_path)) as writer:
+        writer.write(1, [summaries.SummaryRecord("t", "histogram", t)])
+        time.sleep(0.2)
+        assert writer._queued_bytes == 2_000 and not writer._buffers._free  # below the bound: no wake
+        writer.write(2, [summaries.SummaryRecord("t", "histogram", t)])
+        deadline = time.monotonic() + 10
+        while len(writer._buffers._free) < 2:  # written, and both buffers handed back for reuse
+            assert time.monotonic() < deadline, "the writer was not woken by the bytes waiting"
+            time.sleep(0.01)
+        assert writer._queued_bytes == 0
+    assert [h.step for h in read_events(str(tmp_path)).Histograms("t")] == [1, 2]
+
+
 def test_train_with_a_stalled_writer_returns_summary_writer_error_within_the_bound(tmp_path, hung_log_handler):
     import time
 

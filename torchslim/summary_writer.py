@@ -538,7 +538,7 @@ class SummaryWriter:
             self._stall("take a write from its full queue")
         if (
             not isinstance(item, list) or 2 * self._queue.qsize() >= self._queue.maxsize
-            or self._queued_bytes >= _WAKE_BYTES
+            or 2 * self._queued_bytes >= MAX_QUEUED_BYTES or self._queued_bytes >= _WAKE_BYTES
         ):
             self._wake.set()
 
