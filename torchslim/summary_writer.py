@@ -8,53 +8,68 @@
 
 Order of events in :meth:`SummaryWriter.write`:
 
-    caller's thread:  detach + copy each record's tensor (CPU clone, or a queued
-                      non-blocking copy from a GPU), put the copies on a bounded queue
+    caller's thread:  detach each record's tensor; float32 CPU values copied by one
+                      torch.cat into a reused buffer, others cloned (or a queued
+                      non-blocking copy from a GPU); put the write on a bounded queue
     writer thread:    wait for GPU copies, histograms (numpy), PNGs (zlib), one
-                      encoded Event per step, TFRecord framing with CRC-32C, file
+                      encoded Event per step, TFRecord framing with CRC-32C, file;
+                      the buffers handed back
 
 Design, measured on ``benchmarks/summaries_overhead.py`` (the MLP; histograms
 of its 4 parameters and 4 scalars every 10 steps): the summary run against
-the no-summary run at 1 / 2 torch threads, medians of paired rounds, 2-core VM:
+the no-summary run at 1 / 2 torch threads, medians of paired rounds, 2-core VM
+(whose speed drifts by +-25% from second to second: each line is one run):
 
     writer thread, histograms as torch ops (torch.bucketize):   0.60x / 0.32x
     writer thread, histograms as numpy passes over float32:      0.75x / 0.78x
     the same, woken once a second (the queue bounded by bytes,
-        below) and events encoded by event_file (now):           0.79-0.82x / 0.77-0.82x
+        below) and events encoded by event_file:                 0.79-0.82x / 0.77-0.82x
     the thread's work dropped (writes taken and discarded):      0.87x / 0.90x
     a helper process writing the file (``python -c`` loading
         event_file: numpy and the CRC, no torch; 0.1 s and 32 MB
         to start; nice 19), the thread piping it the batches:    0.81-0.83x / 0.52-0.63x
+    the thread, every write copied by one torch.cat into a
+        reused buffer with train()'s scalars, histogram groups
+        in a kept workspace (now):                               0.80-0.83x / 0.82-0.87x
+    the same, the batches processed on the training thread
+        (every 8 writes) instead:                                0.89x / 0.76x
+    the same, the writer thread at SCHED_IDLE / nice 19:         0.80x / 0.82-1.01x
 
-so the writer is a thread. It wakes once a second (or when its queue is half
-full, by count or by the bytes of its copies, or for a flush or close) and
-takes every queued write at once, so the training thread loses the GIL once
-a batch instead of once a write, and all the histograms of that batch are
-one numpy computation (``event_file._histogram_encodings``). What it costs
-at 1 torch thread is its time holding the GIL, which training waits out one
-for one: numpy's concatenate, bincount and repeat hold it over the whole
-batch (a training loop beside each, run without pause, went 3.3x, 3.4x and
-2.1x slower; beside ``np.log``, which releases it, 1.27x). torch's cat and
-bincount release it, but at 2 torch threads they start OpenMP work beside
-training's (0.50x). A helper process removes the GIL part, but its pipe, its
-start and its CPU cost about as much at 1 thread, and at 2 threads it takes a
-core from training's OpenMP regions even at nice 19. The earlier helper
-process (with torch imported) measured 0.924x against the thread's 0.988x
-under heavy load, with 2.0-2.6 s to start and 60 MB more memory.
+so the writer is a thread. It wakes once a second, when its queue is half
+full (by count or by the bytes of its copies), when 1 MB of copies wait, or
+for a flush or close, and takes every queued write at once; the histograms
+of a batch are computed in groups of up to 64k values
+(``event_file._histogram_encodings``). Where the time went, per write (one
+every 10 steps of about 230 us): on the training thread, the write 80 us,
+the summary step and the step after it 25 us more each, and every other step
+7-10 us more (6 of them the ``add_scalar_summary`` inside the loss); before
+the one buffer, malloc took 69k of the write's 545k instructions and its
+fresh pages 10 page faults. The writer thread's own CPU is about 120 us a
+write, and it costs training about twice that at 1 torch thread: each numpy
+call releases the GIL and each return takes it back, and training waits out
+every hand-over (a GIL-free ``np.sort`` in a thread beside training cost it
+nothing, a Python loop one for one; numpy's bincount holds the GIL). Fresh
+arrays for each group cost 4,700 page faults a 400-tensor group, half its
+time, hence the workspace. torch's cat and bincount release the GIL, but at
+2 torch threads they start OpenMP work beside training's (0.50x). A helper
+process removes the GIL part, but its pipe, its start and its CPU cost about
+as much at 1 thread, and at 2 threads it takes a core from training's OpenMP
+regions even at nice 19. The earlier helper process (with torch imported)
+measured 0.924x against the thread's 0.988x under heavy load, with 2.0-2.6 s
+to start and 60 MB more memory.
 
 Every wait on the writer is bounded by ``timeout`` seconds
 (default :data:`DEFAULT_TIMEOUT`): a write that finds the queue full, a
 flush, and close. A writer thread stuck that long (a hung file system, a log
 handler that never returns) becomes :class:`SummaryWriterError`, and
 :meth:`SummaryWriter.close` returns within ``timeout``. Event files are
-written by :mod:`torchslim.event_file` with TensorBoard's protos and the ``crc32c`` C package
+written by :mod:`torchslim.event_file`, encoded as TensorBoard's protos encode them, with the ``crc32c`` C package
 (0.6 us a record, where TensorBoard's pure-Python CRC takes about 1 ms for
 6 KB); TensorBoard's reader checks those checksums.
 """
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import itertools
 import logging
 import os
@@ -69,6 +84,15 @@ import torch
 
 from torchslim.collections import GraphKeys, get_collection
 from torchslim.event_file import BUCKET_LIMITS, MAX_IMAGE_OUTPUTS, EventFile, print_value
+from torchslim.summary_records import (
+    SummaryRecord,
+    _finalize,
+    _FlatBuffers,
+    _scalar_entry,
+    _Snapshot,
+    _snapshot,
+    read_values,
+)
 
 __all__ = ["BUCKET_LIMITS", "DEFAULT_TIMEOUT", "MAX_IMAGE_OUTPUTS", "MAX_QUEUED_BYTES", "SummaryRecord", "SummaryWriter", "SummaryWriterError", "read_values"]
 
@@ -79,215 +103,8 @@ THREAD_NAME = "torchslim-summary-writer"  # tests/conftest.py finds leftover tor
 _PENDING_SECS = 2.0  # add_scalar values wait at most this long for a write() to travel with
 
 
-@dataclasses.dataclass(eq=False, slots=True)  # not frozen: a frozen init costs microseconds per step
-class SummaryRecord:
-    """One summary in ``GraphKeys.SUMMARIES``: what to write, not a value.
-
-    ``kind`` is what is written ('scalar', 'histogram' or 'image');
-    ``reduce`` is applied to the tensor when it is read: None, 'zero_fraction'
-    (the fraction of elements equal to zero) or 'norm' (the L2 norm of all
-    elements). ``name`` is the tag, so ``get_collection(SUMMARIES, scope=...)``
-    filters by tag as TF filters summary ops by name scope. Made by the
-    ``slim.summaries.add_*_summary`` functions.
-
-    Example:
-        >>> r = SummaryRecord('eval/my_score', 'scalar', torch.tensor(3.0))
-        >>> (r.name, r.kind)
-        ('eval/my_score', 'scalar')
-    """
-
-    tag: str
-    kind: str
-    tensor: torch.Tensor
-    reduce: str | None = None
-    print_summary: bool = False
-    data_format: str | None = None  # images only: 'NHWC' or 'NCHW'
-
-    @property
-    def name(self) -> str:
-        return self.tag
-
-
 class SummaryWriterError(RuntimeError):
     """Writing summaries failed in the background, or the writer thread did not answer in time."""
-
-
-# ------------------------------------------------------------------ reading values
-_NUMPY_DTYPES = {torch.float64, torch.float32, torch.float16, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.bool}
-
-
-@dataclasses.dataclass
-class _Snapshot:
-    """Copies of the records' values, possibly still in flight from a GPU.
-
-    ``items`` pairs each record with its copy, or, for the float32 CPU
-    tensors (histograms and scalars alike), with a slice of ``flat``: their
-    values copied together by one ``torch.cat``. ``ready`` holds values that
-    need no copy: ``(tag, 'scalar', float)``."""
-
-    items: list[tuple[SummaryRecord, Any]]
-    events: list[Any]
-    flat: torch.Tensor | None = None
-    ready: list[tuple[str, str, Any]] = dataclasses.field(default_factory=list)
-    pooled: bool = False  # flat came from a _FlatBuffers, to be handed back once written
-
-    def wait(self) -> None:
-        for event in self.events:
-            event.synchronize()
-        self.events = []
-
-    @property
-    def nbytes(self) -> int:
-        n = 0 if self.flat is None else self.flat.nbytes
-        for _, value in self.items:
-            if isinstance(value, torch.Tensor):
-                n += value.nbytes
-        return n
-
-
-def _to_cpu(t: torch.Tensor, events: dict[torch.device, Any]) -> torch.Tensor:
-    if t.device.type == "cpu":
-        return t.clone()
-    if t.device.type == "cuda":
-        dst = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=True)
-        dst.copy_(t, non_blocking=True)
-        events.setdefault(t.device, None)  # one event per device, recorded after all copies are queued
-        return dst
-    return t.to("cpu")
-
-
-def _record_error(i: int, record: Any) -> ValueError:
-    return ValueError(
-        f"records: item {i} must be a SummaryRecord (made by slim.summaries.add_*_summary), "
-        f"got {type(record).__name__} {record!r:.80}"
-    )
-
-
-_CPU, _FLOAT32 = torch.device("cpu"), torch.float32
-
-
-class _FlatBuffers:
-    """Buffers for the float32 copies of snapshots, handed back by the writer thread once written.
-
-    Reused rather than allocated: on the summaries benchmark's MLP, malloc
-    took 69k instructions of each write's 545k on the training thread
-    (callgrind), and the fresh pages of its 38 KB buffer 10 page faults.
-    Only small buffers are kept (each at most ``MAX_BYTES``, and as many as
-    make ``KEPT_BYTES`` of the size handed back): a big one's copy costs far
-    more than its allocation. list.append and list.pop are atomic, so the two threads
-    share the list without a lock."""
-
-    MAX_BYTES, KEPT_BYTES = 256 << 10, 8 << 20
-
-    def __init__(self) -> None:
-        self._free: list[torch.Tensor] = []
-
-    def take(self, numel: int) -> torch.Tensor | None:
-        try:
-            buf = self._free.pop()
-        except IndexError:
-            return None
-        n = buf.numel()
-        return buf if n == numel else buf[:numel] if n > numel else None
-
-    def give_back(self, buf: torch.Tensor) -> None:
-        nbytes = buf.nbytes
-        if 0 < nbytes <= self.MAX_BYTES and len(self._free) < self.KEPT_BYTES // nbytes:
-            self._free.append(buf)
-
-
-def _snapshot(
-    records: Sequence[Any], ready: list[tuple[str, str, Any]] | None = None, buffers: _FlatBuffers | None = None
-) -> _Snapshot:
-    """Copies the records' values now, on the caller's thread; no host-device sync.
-
-    float32 CPU values are copied by one ``torch.cat`` into one buffer (from
-    ``buffers`` when it has one): on the summaries benchmark's write (4
-    histograms, 2 scalars) one copy in place of six clones and their
-    allocations."""
-    events: dict[torch.device, Any] = {}
-    items: list[tuple[SummaryRecord, Any]] = []
-    fused: list[torch.Tensor] = []
-    offset = 0
-    for i, record in enumerate(records):
-        if type(record) is not SummaryRecord and not isinstance(record, SummaryRecord):
-            raise _record_error(i, record)
-        t = record.tensor.detach()  # detached here, at write time, not on every step it is recorded
-        if record.reduce is None:
-            if t.dtype is _FLOAT32 and t.device == _CPU and record.kind != "image":
-                n = t.numel()
-                fused.append(t.reshape(-1))
-                items.append((record, slice(offset, offset + n)))
-                offset += n
-                continue
-            if record.kind == "image":
-                t = t[:MAX_IMAGE_OUTPUTS]
-            if t.dtype not in _NUMPY_DTYPES:
-                t = t.float()  # bfloat16, float8, unsigned: numpy has no twin
-            value: Any = _to_cpu(t, events)
-        elif record.reduce == "zero_fraction":
-            value = (_to_cpu(torch.count_nonzero(t), events), t.numel())
-        else:  # "norm"
-            value = _to_cpu(torch.linalg.vector_norm(t, dtype=torch.float32), events)
-        items.append((record, value))
-    flat = buf = None
-    if fused:
-        buf = buffers.take(offset) if buffers is not None else None
-        if buf is None:
-            flat = torch.cat(fused) if len(fused) > 1 else fused[0].clone()
-        else:
-            flat = torch.cat(fused, out=buf) if len(fused) > 1 else buf.copy_(fused[0])
-    recorded = []
-    for device in events:
-        with torch.cuda.device(device):
-            event = torch.cuda.Event()
-            event.record()
-            recorded.append(event)
-    return _Snapshot(items, recorded, flat, ready if ready is not None else [], pooled=buffers is not None)
-
-
-def _to_uint8_nhwc(images: np.ndarray, data_format: str) -> np.ndarray:
-    if data_format == "NCHW":
-        images = images.transpose(0, 2, 3, 1)
-    if images.dtype != np.uint8:
-        images = np.clip(np.rint(np.nan_to_num(images.astype(np.float32) * 255.0)), 0.0, 255.0).astype(np.uint8)
-    return np.ascontiguousarray(images)
-
-
-def _finalize(snapshot: _Snapshot) -> list[tuple[str, str, Any]]:
-    """Copied values -> (tag, kind, value): a float, a flat array or CPU tensor (histograms), a uint8 NHWC array."""
-    snapshot.wait()
-    flat = snapshot.flat.numpy() if snapshot.flat is not None else None
-    out: list[tuple[str, str, Any]] = []
-    for record, value in snapshot.items:
-        if type(value) is slice:  # a part of the flat float32 copy
-            v: Any = float(flat[value.start]) if record.kind == "scalar" else flat[value]  # type: ignore[index]
-        elif record.reduce == "zero_fraction":
-            nonzero, numel = value
-            v = (numel - int(nonzero)) / numel
-        elif record.kind == "scalar":
-            v = float(value)
-        elif record.kind == "histogram":
-            v = value.reshape(-1)
-        elif record.kind == "image":
-            v = _to_uint8_nhwc(value.numpy(), record.data_format or "NHWC")
-        else:  # pragma: no cover - SummaryRecord kinds are made by slim.summaries
-            raise ValueError(f"unknown summary kind {record.kind!r} for tag {record.tag!r}")
-        out.append((record.tag, record.kind, v))
-    out.extend(snapshot.ready)
-    return out
-
-
-def read_values(records: Sequence[SummaryRecord]) -> list[tuple[str, str, Any]]:
-    """Reads ``records`` now: ``(tag, kind, value)`` with a float for scalars, a flat
-    float64 numpy array for histograms and a uint8 ``[n, h, w, c]`` array for images.
-
-    Example:
-        >>> read_values([SummaryRecord('x', 'histogram', torch.tensor([[1, 2]]))])
-        [('x', 'histogram', array([1., 2.]))]
-    """
-    values = _finalize(_snapshot(list(records)))
-    return [(t, k, np.asarray(v, dtype=np.float64) if k == "histogram" else v) for t, k, v in values]
 
 
 # ------------------------------------------------------------------ the writer
@@ -328,28 +145,6 @@ def _merge_writes(items: list[Any]) -> list[Any]:
         else:
             out.append(item)
     return out
-
-
-def _scalar_entry(method: str, tag: Any, value: Any) -> SummaryRecord | tuple[str, str, float]:
-    """A scalar to write: a record of a one-element tensor (copied at write time), or a final value."""
-    # add_scalar names its arguments; write names its dict and the entry
-    tag_arg, value_arg = ("argument 'tag'", "argument 'value'") if method == "add_scalar" else (
-        "argument 'scalars': a tag", f"argument 'scalars': the value of {tag!r}")
-    if not isinstance(tag, str) or not tag:
-        raise ValueError(f"SummaryWriter.{method}: {tag_arg} must be a non-empty string, got {tag!r}")
-    if isinstance(value, torch.Tensor):
-        if value.numel() != 1 or value.is_complex():
-            raise ValueError(
-                f"SummaryWriter.{method}: {value_arg} must hold one real value, got shape "
-                f"{tuple(value.shape)} and dtype {value.dtype}"
-            )
-        return SummaryRecord(tag, "scalar", value.reshape(()))
-    if isinstance(value, bool) or not isinstance(value, (int, float, np.integer, np.floating)):
-        raise ValueError(
-            f"SummaryWriter.{method}: {value_arg} must be a number or a one-element tensor, "
-            f"got {type(value).__name__} {value!r:.80}"
-        )
-    return (tag, "scalar", float(value))
 
 
 _writer_ids = itertools.count(1)
