@@ -183,12 +183,6 @@ def add_scalar_summary(
         >>> r.tag, r in get_collection(GraphKeys.SUMMARIES)
         ('eval/my_score', True)
     """
-    # the common call, made inside the loss on every step: the checks below, inline
-    if (
-        type(name) is str and name and (prefix is None or type(prefix) is str) and isinstance(tensor, torch.Tensor)
-        and tensor.numel() == 1 and not tensor.is_complex()
-    ):
-        return _record(SummaryRecord(prefix + "/" + name if prefix else name, "scalar", tensor, print_summary=bool(print_summary)))
     fn = "add_scalar_summary"
     tensor = _check_tensor(fn, tensor)
     if tensor.numel() != 1:

@@ -152,7 +152,7 @@ def _snapshot(
     fused: list[torch.Tensor] = []
     offset = 0
     for i, record in enumerate(records):
-        if type(record) is not SummaryRecord and not isinstance(record, SummaryRecord):
+        if not isinstance(record, SummaryRecord):
             raise _record_error(i, record)
         t = record.tensor.detach()  # detached here, at write time, not on every step it is recorded
         if record.reduce is None:
@@ -172,7 +172,7 @@ def _snapshot(
         else:  # "norm"
             value = _to_cpu(torch.linalg.vector_norm(t, dtype=torch.float32), events)
         items.append((record, value))
-    flat = buf = None
+    flat = None
     if fused:
         buf = buffers.take(offset) if buffers is not None else None
         if buf is None:

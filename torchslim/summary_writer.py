@@ -387,7 +387,7 @@ class SummaryWriter:
                 f"got {type(records).__name__}"
             )
         ready: list[tuple[str, str, Any]] = []
-        if scalars:
+        if scalars is not None:
             if not isinstance(scalars, Mapping):
                 raise ValueError(
                     f"SummaryWriter.write: argument 'scalars' must be a dict of tag -> number or one-element "
