@@ -873,6 +873,32 @@ def test_write_scalars_are_checked_before_anything_is_queued(tmp_path):
     assert scalar_series(read_events(str(tmp_path)), "lr") == [(2, 0.25)]
 
 
+def test_float32_buckets_looked_up_by_bit_pattern_are_tensorflows():
+    # The float32 path finds a bucket from the top bits of each value (event_file._CELL_BUCKETS): check it
+    # on every limit, the float32 values on either side of each, zeros, denormals, the extremes, and a
+    # spread of random magnitudes, against the first limit > v compared as doubles (TF's definition).
+    limits = np.array(summary_writer.BUCKET_LIMITS)
+    inner = limits[1:-1].astype(np.float32)
+    rng = np.random.default_rng(0)
+    f32 = np.finfo(np.float32)
+    values = np.concatenate([
+        inner, np.nextafter(inner, np.float32(np.inf)), np.nextafter(inner, np.float32(-np.inf)),
+        np.array([0.0, -0.0, f32.smallest_subnormal, -f32.smallest_subnormal, f32.tiny, -f32.tiny, f32.max, f32.min], np.float32),
+        (rng.standard_normal(20000) * 10.0 ** rng.uniform(-40, 38, 20000)).astype(np.float32),
+    ]).astype(np.float32)
+    cells = np.right_shift(values.view(np.uint32), event_file._CELL_SHIFT)
+    expected = np.minimum(np.searchsorted(limits, values.astype(np.float64), side="right"), len(limits) - 1)
+    looked_up = event_file._CELL_BUCKETS[cells] + (values.astype(np.float64) >= limits[event_file._CELL_BUCKETS[cells]])
+    assert np.array_equal(looked_up, expected)
+    # and through the histogram itself, against one value at a time
+    sample = values[rng.choice(values.size, 400, replace=False)]
+    (proto,) = event_file._histogram_encodings([("v", sample)])
+    from tensorboard.compat.proto.summary_pb2 import HistogramProto
+
+    h = HistogramProto.FromString(proto)
+    assert (list(h.bucket_limit), [int(c) for c in h.bucket]) == _tf_histogram(sample.astype(np.float64).tolist())
+
+
 @pytest.mark.parametrize("group_values, group_rows", [(7, 1024), (1 << 20, 2)])
 def test_histograms_computed_in_several_groups_each_follow_tensorflows_definition(monkeypatch, group_values, group_rows):
     # A batch's histograms are computed together up to a number of values and of tensors; past either, in groups.
