@@ -146,6 +146,11 @@ def add_to_collection(name: str, value: Any) -> None:
         >>> clear_collection('my_ops')
     """
     _check_name(name)
+    _append(name, value)
+
+
+def _append(name: str, value: Any) -> None:
+    """add_to_collection for a name known to be good (the summary functions' GraphKeys.SUMMARIES)."""
     step = _step.get()
     if step is not None:
         step.setdefault(name, []).append(value)

@@ -76,9 +76,12 @@ def _cell_buckets() -> np.ndarray:
 
 
 _CELL_BUCKETS = _cell_buckets()
-# Histograms are computed together up to this many values and tensors: a workspace of 2.1 MB, and a
-# count array of at most 64 x 1,551 buckets (0.8 MB), both small enough to be reused rather than faulted in.
-_GROUP_VALUES, _GROUP_ROWS = 1 << 16, 64
+# Histograms are computed together up to this many values and tensors: the 1 MB of copies that wake the
+# writer thread (summary_writer._WAKE_BYTES) make one group, in a workspace of 8.7 MB, and a count array of at
+# most 128 x 1,551 buckets (1.6 MB). Each numpy call hands the GIL to training and back: beside a training
+# loop, 26 writes of the summaries benchmark in one group took the writer thread 148 us of CPU a write,
+# in five groups of 64k values 208 (2-core VM, medians of 20 rounds).
+_GROUP_VALUES, _GROUP_ROWS = 1 << 18, 128
 
 
 def _histogram_encodings(named: list[tuple[str, Any]], workspace: _Workspace | None = None) -> list[bytes]:
@@ -125,7 +128,7 @@ class _Workspace:
     faults a group of 400 tensors (960k values), half of its time on this
     VM, and those inside numpy calls that hold the GIL held up training. A
     workspace is kept for groups of at most ``_GROUP_VALUES`` values (33
-    bytes a value: 2.1 MB); a bigger tensor, or values of other dtypes, get
+    bytes a value: 8.7 MB); a bigger tensor, or values of other dtypes, get
     arrays of their own."""
 
     def __init__(self) -> None:

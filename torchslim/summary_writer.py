@@ -38,7 +38,7 @@ the no-summary run at 1 / 2 torch threads, medians of paired rounds, 2-core VM
 so the writer is a thread. It wakes once a second, when its queue is half
 full (by count or by the bytes of its copies), when 1 MB of copies wait, or
 for a flush or close, and takes every queued write at once; the histograms
-of a batch are computed in groups of up to 64k values
+of a batch are computed in groups of up to 256k values (the 1 MB that wakes it)
 (``event_file._histogram_encodings``). Where the time went, per write (one
 every 10 steps of about 230 us): on the training thread, the write 80 us,
 the summary step and the step after it 25 us more each, and every other step
