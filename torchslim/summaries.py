@@ -55,7 +55,7 @@ import numpy as np
 import torch
 
 from torchslim import collections as _collections
-from torchslim.collections import GraphKeys, add_to_collection, get_collection
+from torchslim.collections import GraphKeys, get_collection
 from torchslim.summary_writer import (
     DEFAULT_TIMEOUT,
     MAX_IMAGE_OUTPUTS,

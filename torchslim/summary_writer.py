@@ -311,26 +311,35 @@ class SummaryWriter:
         if self._thread is None:
             self._process(item)
             return
-        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)  # both waits below, together
+        # The common case takes no clock and one lock: both waits below share one deadline, taken when the
+        # first of them starts.
+        deadline: list[float] = []
+
+        def seconds_left() -> float:
+            if not deadline:
+                deadline.append(time.monotonic() + (self.timeout if timeout is None else timeout))
+            return max(0.0, deadline[0] - time.monotonic())
+
         nbytes = _copied_bytes(item)
         if nbytes:
             with self._drained:
-                def room() -> bool:
-                    return self._queued_bytes == 0 or self._queued_bytes + nbytes <= MAX_QUEUED_BYTES
-
-                if not room():
+                if self._queued_bytes and self._queued_bytes + nbytes > MAX_QUEUED_BYTES:
                     self._wake.set()
-                    if not self._drained.wait_for(room, max(0.0, deadline - time.monotonic())):
+                    if not self._drained.wait_for(
+                        lambda: self._queued_bytes == 0 or self._queued_bytes + nbytes <= MAX_QUEUED_BYTES, seconds_left()
+                    ):
                         self._stall("take a write from its full queue")
                 self._queued_bytes += nbytes
-        if self._queue.full():
-            self._wake.set()
         try:
-            self._queue.put(item, timeout=max(0.0, deadline - time.monotonic()))
+            self._queue.put_nowait(item)
         except queue.Full:
-            with self._drained:
-                self._queued_bytes -= nbytes
-            self._stall("take a write from its full queue")
+            self._wake.set()
+            try:
+                self._queue.put(item, timeout=seconds_left())
+            except queue.Full:
+                with self._drained:
+                    self._queued_bytes -= nbytes
+                self._stall("take a write from its full queue")
         if (
             not isinstance(item, list) or 2 * self._queue.qsize() >= self._queue.maxsize
             or 2 * self._queued_bytes >= MAX_QUEUED_BYTES or self._queued_bytes >= _WAKE_BYTES
@@ -388,7 +397,7 @@ class SummaryWriter:
             )
         ready: list[tuple[str, str, Any]] = []
         if scalars is not None:
-            if not isinstance(scalars, Mapping):
+            if type(scalars) is not dict and not isinstance(scalars, Mapping):
                 raise ValueError(
                     f"SummaryWriter.write: argument 'scalars' must be a dict of tag -> number or one-element "
                     f"tensor, or None, got {type(scalars).__name__}"
@@ -401,7 +410,8 @@ class SummaryWriter:
                 else:
                     ready.append(entry)  # type: ignore[arg-type]
         snapshot = _snapshot(records if type(records) is list else list(records), ready, self._buffers)
-        item = self._take_pending()
+        # add_scalar appends under the lock; one appended while this reads goes with the next write
+        item = self._take_pending() if self._pending else []
         if snapshot.items or ready:
             item.append((step, time.time(), snapshot))
         if item:
