@@ -34,29 +34,48 @@ the no-summary run at 1 / 2 torch threads, medians of paired rounds, 2-core VM
     the same, the batches processed on the training thread
         (every 8 writes) instead:                                0.89x / 0.76x
     the same, the writer thread at SCHED_IDLE / nice 19:         0.80x / 0.82-1.01x
+    the thread, buckets looked up by bit pattern, a wake's
+        writes in one histogram group, the write path trimmed
+        (now; the run before these changes: 0.84x / 0.85x):      0.87x / 0.88x
+    the same, the thread handing each batch to a helper
+        process (``python -c`` loading event_file alone; the
+        histograms as raw float32 through a 1 MB pipe; the
+        histograms, encoding and file there), against the
+        thread in the same run:                                  0.82x / 0.64x (thread 0.84x / 0.87x)
 
 so the writer is a thread. It wakes once a second, when its queue is half
 full (by count or by the bytes of its copies), when 1 MB of copies wait, or
 for a flush or close, and takes every queued write at once; the histograms
 of a batch are computed in groups of up to 256k values (the 1 MB that wakes it)
-(``event_file._histogram_encodings``). Where the time went, per write (one
-every 10 steps of about 230 us): on the training thread, the write 80 us,
-the summary step and the step after it 25 us more each, and every other step
-7-10 us more (6 of them the ``add_scalar_summary`` inside the loss); before
-the one buffer, malloc took 69k of the write's 545k instructions and its
-fresh pages 10 page faults. The writer thread's own CPU is about 120 us a
-write, and it costs training about twice that at 1 torch thread: each numpy
-call releases the GIL and each return takes it back, and training waits out
-every hand-over (a GIL-free ``np.sort`` in a thread beside training cost it
-nothing, a Python loop one for one; numpy's bincount holds the GIL). Fresh
+(``event_file._histogram_encodings``).
+
+Where the time goes (one write every 10 steps of about 225 us; medians by
+position in the 10-step cycle over 5 runs of 3,000 steps, 1 torch thread):
+the summary step is 100 us longer (the write 60 us, of which 30 copying the
+records' values; the train op's gradient check before the update 20 us),
+the next two steps 25 and 15 us, and every other step about 9 us, of which
+the ``add_scalar_summary`` inside the loss is 3.4 us (1.3 us in a tight
+loop: at the end of a step each Python call costs about three times as much)
+and the rest follows any work on the summary step (a 60 us pure-Python loop
+there in place of the write costs the next steps 30 us in all). With the
+writes dropped (no write_summaries) the run is 0.97x the no-summary run;
+with the writer thread's processing dropped, 0.88x / 0.94x against 0.84x /
+0.89x in the same runs: the writer's CPU (80 us a write alone, 2.1 ms for
+26 writes) costs training about 5% at either thread count. Each numpy call
+of the writer releases the GIL and each return takes it back, and training
+waits out every hand-over (a GIL-free ``np.sort`` in a thread beside
+training cost it nothing, a Python loop one for one; numpy's bincount holds
+the GIL), hence few and large calls. Beside a raw loop a helper process cost
+training 7 us a write where the thread cost 199 (97 and 250 at 2 threads), but
+inside ``train()`` it gained nothing measurable at 1 thread, even over 8,000
+steps (0.84x against 0.86x), and its start (0.17 s of CPU for each writer)
+preempts the OpenMP worker that holds the other core at 2 threads. Fresh
 arrays for each group cost 4,700 page faults a 400-tensor group, half its
 time, hence the workspace. torch's cat and bincount release the GIL, but at
-2 torch threads they start OpenMP work beside training's (0.50x). A helper
-process removes the GIL part, but its pipe, its start and its CPU cost about
-as much at 1 thread, and at 2 threads it takes a core from training's OpenMP
-regions even at nice 19. The earlier helper process (with torch imported)
-measured 0.924x against the thread's 0.988x under heavy load, with 2.0-2.6 s
-to start and 60 MB more memory.
+2 torch threads they start OpenMP work beside training's (0.50x). The
+earlier helper process (with torch imported) measured 0.924x against the
+thread's 0.988x under heavy load, with 2.0-2.6 s to start and 60 MB more
+memory.
 
 Every wait on the writer is bounded by ``timeout`` seconds
 (default :data:`DEFAULT_TIMEOUT`): a write that finds the queue full, a
