@@ -36,7 +36,7 @@ the no-summary run at 1 / 2 torch threads, medians of paired rounds, 2-core VM
     the same, the writer thread at SCHED_IDLE / nice 19:         0.80x / 0.82-1.01x
     the thread, buckets looked up by bit pattern, a wake's
         writes in one histogram group, the write path trimmed
-        (now; the run before these changes: 0.84x / 0.85x):      0.87x / 0.88x
+        (now, three runs; before these changes 0.84x / 0.85x):   0.81-0.87x / 0.86-0.88x
     the same, the thread handing each batch to a helper
         process (``python -c`` loading event_file alone; the
         histograms as raw float32 through a 1 MB pipe; the
