@@ -330,31 +330,24 @@ class SummaryWriter:
         if self._thread is None:
             self._process(item)
             return
-        # The common case takes no clock and one lock: both waits below share one deadline, taken when the
-        # first of them starts.
-        deadline: list[float] = []
-
-        def seconds_left() -> float:
-            if not deadline:
-                deadline.append(time.monotonic() + (self.timeout if timeout is None else timeout))
-            return max(0.0, deadline[0] - time.monotonic())
-
+        deadline = time.monotonic() + (self.timeout if timeout is None else timeout)  # both waits below, together
         nbytes = _copied_bytes(item)
         if nbytes:
             with self._drained:
-                if self._queued_bytes and self._queued_bytes + nbytes > MAX_QUEUED_BYTES:
+                def room() -> bool:
+                    return self._queued_bytes == 0 or self._queued_bytes + nbytes <= MAX_QUEUED_BYTES
+
+                if not room():
                     self._wake.set()
-                    if not self._drained.wait_for(
-                        lambda: self._queued_bytes == 0 or self._queued_bytes + nbytes <= MAX_QUEUED_BYTES, seconds_left()
-                    ):
+                    if not self._drained.wait_for(room, max(0.0, deadline - time.monotonic())):
                         self._stall("take a write from its full queue")
                 self._queued_bytes += nbytes
         try:
-            self._queue.put_nowait(item)
+            self._queue.put_nowait(item)  # the common case: one lock, where full() then put() took two
         except queue.Full:
             self._wake.set()
             try:
-                self._queue.put(item, timeout=seconds_left())
+                self._queue.put(item, timeout=max(0.0, deadline - time.monotonic()))
             except queue.Full:
                 with self._drained:
                     self._queued_bytes -= nbytes
