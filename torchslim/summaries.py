@@ -191,9 +191,7 @@ def add_scalar_summary(
         type(name) is str and name and (prefix is None or type(prefix) is str) and isinstance(tensor, torch.Tensor)
         and tensor.numel() == 1 and not tensor.is_complex()
     ):
-        record = SummaryRecord(prefix + "/" + name if prefix else name, "scalar", tensor, print_summary=bool(print_summary))
-        _collections._append(GraphKeys.SUMMARIES, record)
-        return record
+        return _record(SummaryRecord(prefix + "/" + name if prefix else name, "scalar", tensor, print_summary=bool(print_summary)))
     fn = "add_scalar_summary"
     tensor = _check_tensor(fn, tensor)
     if tensor.numel() != 1:
