@@ -496,6 +496,45 @@ def test_on_the_cpu_a_bad_gradient_is_found_in_the_weights_it_updated():
         op((x, y))
 
 
+def test_on_the_cpu_a_summary_step_checks_its_gradients_with_one_read_before_the_update(monkeypatch):
+    # A summary must not record weights that a bad gradient made NaN: that step checks before updating.
+    model = Logistic()
+    x, y = logistic_points()
+    bad = []
+
+    def total_loss(batch):
+        w = model.fc.weight
+        if "gradient" in bad:  # a finite loss, an Inf gradient
+            w = w * 1.0
+            w.register_hook(lambda g: torch.full_like(g, float("inf")))
+        loss = nn.functional.binary_cross_entropy_with_logits(batch[0] @ w.t() + model.fc.bias, batch[1])
+        return loss * float("nan") if "loss" in bad else loss
+
+    op = slim.learning.create_train_op(total_loss, torch.optim.SGD(model.parameters(), lr=0.1), model=model)
+    op((x, y))
+    seen = []
+    op.before_numerics_read.append(lambda: seen.append(op.step))
+    reads = _count_reads(monkeypatch)
+    op.record_summaries = True
+    op((x, y))  # finite: one read
+    assert reads == ["item"] and seen == [1]
+    before = state_of(model)
+    bad.append("gradient")
+    with pytest.raises(NumericsError, match=r"step 3: the gradient of parameter 'fc\.weight' has Inf values "
+                                            r"\(weights left as they were before this step\)"):
+        op((x, y))
+    assert op.step == 2 and seen == [1, 2]
+    for k, v in state_of(model).items():
+        assert torch.equal(v, before[k]), k
+    bad.append("loss")
+    with pytest.raises(NumericsError, match=r"step 3: the loss .* is nan \(weights left as they were before this step\)"):
+        op((x, y))  # the loss is named before the gradients it made NaN
+    assert op.step == 2
+    bad.clear()
+    op((x, y))  # the scratch flag was cleared: a good step passes again
+    assert op.step == 3
+
+
 def test_a_log_step_reads_the_check_and_names_the_loss(caplog):
     caplog.set_level(logging.INFO, logger="torchslim")
     model = Logistic()
