@@ -695,10 +695,10 @@ def test_events_are_encoded_byte_for_byte_as_the_protobuf_runtime_encodes_them(w
     image = np.arange(2 * 3 * 4 * 3, dtype=np.uint8).reshape(2, 3, 4, 3)
     for scalar in (0.0, -0.0, 1.5, -2.25, float("nan"), float("inf"), 1e300, -1e300, 1e-50):
         values = (
-            event_file._summary_values("losses/total_loss", "scalar", scalar, iter([]))
-            + event_file._summary_values("weights/h", "histogram", None, iter(histograms))
-            + event_file._summary_values("weights/empty", "histogram", None, iter(histograms[1:]))
-            + event_file._summary_values("é/image", "image", image, iter([]))
+            event_file._summary_entries("losses/total_loss", "scalar", scalar, iter([]))
+            + event_file._summary_entries("weights/h", "histogram", None, iter(histograms))
+            + event_file._summary_entries("weights/empty", "histogram", None, iter(histograms[1:]))
+            + event_file._summary_entries("é/image", "image", image, iter([]))
         )
         reference = Event(wall_time=walltime, step=step, summary=Summary(value=[
             Summary.Value(tag="losses/total_loss", simple_value=scalar),
@@ -888,8 +888,9 @@ def test_float32_buckets_looked_up_by_bit_pattern_are_tensorflows():
     ]).astype(np.float32)
     cells = np.right_shift(values.view(np.uint32), event_file._CELL_SHIFT)
     expected = np.minimum(np.searchsorted(limits, values.astype(np.float64), side="right"), len(limits) - 1)
-    looked_up = event_file._CELL_BUCKETS[cells] + (values.astype(np.float64) >= limits[event_file._CELL_BUCKETS[cells]])
-    assert np.array_equal(looked_up, expected)
+    buckets = event_file._CELL_BUCKETS[cells].astype(np.intp)
+    assert np.array_equal(buckets + (values.astype(np.float64) >= limits[buckets]), expected)
+    assert np.array_equal(buckets + (values >= event_file._THRESHOLDS[buckets]), expected)  # as float32, the same
     # and through the histogram itself, against one value at a time
     sample = values[rng.choice(values.size, 400, replace=False)]
     (proto,) = event_file._histogram_encodings([("v", sample)])
