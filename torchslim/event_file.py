@@ -90,7 +90,7 @@ def _float32_thresholds() -> np.ndarray:
 
 _CELL_BUCKETS, _THRESHOLDS = _cell_buckets(), _float32_thresholds()
 # Histograms are computed together up to this many values and tensors: the 1 MB of copies that wake the
-# writer thread (summary_writer._WAKE_BYTES) make one group, in a workspace of 8.7 MB, and a count array of at
+# writer thread (summary_writer._WAKE_BYTES) make one group, in a workspace of 8.1 MB, and a count array of at
 # most 128 x 1,551 buckets (1.6 MB). Each numpy call hands the GIL to training and back: beside a training
 # loop, 26 writes of the summaries benchmark in one group took the writer thread 148 us of CPU a write,
 # in five groups of 64k values 208 (2-core VM, medians of 20 rounds).
@@ -140,8 +140,8 @@ class _Workspace:
     Fresh arrays the size of a group are fresh pages from the OS: 4,700 page
     faults a group of 400 tensors (960k values), half of its time on this
     VM, and those inside numpy calls that hold the GIL held up training. A
-    workspace is kept for groups of at most ``_GROUP_VALUES`` values (33
-    bytes a value: 8.7 MB); a bigger tensor, or values of other dtypes, get
+    workspace is kept for groups of at most ``_GROUP_VALUES`` values (31
+    bytes a value: 8.1 MB); a bigger tensor, or values of other dtypes, get
     arrays of their own."""
 
     def __init__(self) -> None:
