@@ -42,6 +42,9 @@ the no-summary run at 1 / 2 torch threads, medians of paired rounds, 2-core VM
         histograms as raw float32 through a 1 MB pipe; the
         histograms, encoding and file there), against the
         thread in the same run:                                  0.82x / 0.64x (thread 0.84x / 0.87x)
+    the thread, the summary step's gradient check one kernel
+        and one read, one lock a write, events encoded whole
+        (now, three runs):                                       0.80-0.93x / 0.85-0.91x
 
 so the writer is a thread. It wakes once a second, when its queue is half
 full (by count or by the bytes of its copies), when 1 MB of copies wait, or
@@ -51,17 +54,20 @@ of a batch are computed in groups of up to 256k values (the 1 MB that wakes it)
 
 Where the time goes (one write every 10 steps of about 225 us; medians by
 position in the 10-step cycle over 5 runs of 3,000 steps, 1 torch thread):
-the summary step is 100 us longer (the write 60 us, of which 30 copying the
-records' values; the train op's gradient check before the update 20 us),
-the next two steps 25 and 15 us, and every other step about 9 us, of which
-the ``add_scalar_summary`` inside the loss is 3.4 us (1.3 us in a tight
-loop: at the end of a step each Python call costs about three times as much)
-and the rest follows any work on the summary step (a 60 us pure-Python loop
-there in place of the write costs the next steps 30 us in all). With the
-writes dropped (no write_summaries) the run is 0.97x the no-summary run;
-with the writer thread's processing dropped, 0.88x / 0.94x against 0.84x /
-0.89x in the same runs: the writer's CPU (80 us a write alone, 2.1 ms for
-26 writes) costs training about 5% at either thread count. Each numpy call
+the summary step is 90-110 us longer (the write 55 us, of which 33
+copying the records' values; the train op's gradient check before the
+update 12 us, 22 before it became one kernel and one read), the next two
+steps 25 and 15 us, and every other step 3-9 us: with the writes removed,
+steps 3-9 of the cycle were that much longer with the loss's
+``add_scalar_summary`` than without it (three in-process A/B runs; the
+call itself takes 3 us there, 1 us in a tight loop, as every Python call
+at the end of a step costs about three times as much). With the writes
+dropped (no write_summaries) the run is 0.97x the no-summary run; with
+the writer thread's processing dropped, 0.88-0.93x / 0.94x against
+0.84-0.87x / 0.89x in the same runs, and with it replaced by a GIL-free
+sleep of the same length 0.93x against 0.87x: the writer's CPU (80-90 us a write alone,
+2.0 ms for 26 writes; 185-240 us a write beside training) costs training
+about 5% at either thread count. Each numpy call
 of the writer releases the GIL and each return takes it back, and training
 waits out every hand-over (a GIL-free ``np.sort`` in a thread beside
 training cost it nothing, a Python loop one for one; numpy's bincount holds
