@@ -44,7 +44,7 @@ the no-summary run at 1 / 2 torch threads, medians of paired rounds, 2-core VM
         thread in the same run:                                  0.82x / 0.64x (thread 0.84x / 0.87x)
     the thread, the summary step's gradient check one kernel
         and one read, one lock a write, events encoded whole
-        (now, three runs):                                       0.80-0.93x / 0.85-0.91x
+        (now, six runs):                                         0.80-0.93x / 0.84-0.91x
 
 so the writer is a thread. It wakes once a second, when its queue is half
 full (by count or by the bytes of its copies), when 1 MB of copies wait, or
