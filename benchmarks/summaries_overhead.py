@@ -1,7 +1,7 @@
 """Summary overhead: slim.learning.train with summaries every 10 steps, against the same run without
 and against a hand-written loop that calls torch.utils.tensorboard.SummaryWriter for the same summaries.
 
-    python benchmarks/summaries_overhead.py [--steps 2000] [--rounds 7] [--every 10] [--threads 1,2] [--device cpu|cuda]
+    python benchmarks/summaries_overhead.py [--steps 2000] [--rounds 7] [--every 10] [--threads 1,2] [--device cpu|cuda] [--hidden 128]
 
 The loop-overhead MLP (64->128->10, batch 32, SGD with momentum,
 cross-entropy, in-memory data). With summaries: a histogram of every
@@ -14,7 +14,9 @@ the end. The hand loop: the raw PyTorch loop, which every ``--every`` steps
 calls torch's SummaryWriter.add_histogram (TF's bins) for each parameter and
 add_scalar for the same four scalars. The three are interleaved round by
 round, for each torch thread count; each ratio is paired by round: median
-and range. Targets: with/without >= 0.95, with/hand >= 1.0.
+and range. Targets: with/without >= 0.95, with/hand >= 1.0. ``--hidden``
+widens the MLP's hidden layer (64->H->10) to see how the cost grows with the
+values histogrammed; the targets are for the default.
 """
 from __future__ import annotations
 
@@ -42,7 +44,10 @@ def main() -> None:
     parser.add_argument("--every", type=int, default=10, help="save_summaries_steps")
     parser.add_argument("--threads", default="1,2", help="torch thread counts to measure, comma-separated")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--hidden", type=int, default=128, help="the MLP's hidden width (the targets are for 128)")
     args = parser.parse_args()
+    if args.hidden < 1:
+        parser.error(f"argument --hidden: must be >= 1, got {args.hidden}")
     logging.getLogger("torchslim").setLevel(logging.WARNING)
     device = torch.device(args.device)
     data = [(x.to(device), y.to(device)) for x, y in _common.batches()]
@@ -52,7 +57,7 @@ def main() -> None:
     def run_train(with_summaries: bool) -> float:
         torch.manual_seed(0)
         slim.collections.reset()
-        model = _common.mlp().to(device)
+        model = _common.mlp(args.hidden).to(device)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         if with_summaries:
             slim.summaries.add_histogram_summaries(model, prefix="weights")
@@ -89,7 +94,7 @@ def main() -> None:
         from torch.utils.tensorboard import SummaryWriter
 
         torch.manual_seed(0)
-        model = _common.mlp().to(device)
+        model = _common.mlp(args.hidden).to(device)
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         named = [(f"weights/{n}", p) for n, p in model.named_parameters()]
 
@@ -135,7 +140,7 @@ def main() -> None:
             results.append((threads, times))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    print(f"device={device} steps={args.steps} rounds={args.rounds} every={args.every} cores={os.cpu_count()}")
+    print(f"device={device} steps={args.steps} rounds={args.rounds} every={args.every} hidden={args.hidden} cores={os.cpu_count()}")
     for threads, times in results:
         print(f"threads={threads}")
         for name in runs:
