@@ -821,6 +821,7 @@ def test_histograms_in_a_reused_workspace_are_those_in_fresh_arrays(monkeypatch,
     # The writer computes float32 groups in one workspace, kept between batches; a batch of another
     # layout, mixed dtypes and a tensor past the workspace's size take fresh arrays: all encode alike.
     monkeypatch.setattr(event_file, "_GROUP_VALUES", group_values)
+    monkeypatch.setattr(event_file, "_native", None)  # the numpy path, whose groups the workspace holds
     torch.manual_seed(3)
     workspace = event_file._Workspace()
     batches = [
@@ -832,6 +833,50 @@ def test_histograms_in_a_reused_workspace_are_those_in_fresh_arrays(monkeypatch,
     for named in batches * 2:
         assert event_file._histogram_encodings(named, workspace) == event_file._histogram_encodings(named)
     assert workspace.size > 0
+
+
+def test_the_compiled_histogram_loop_counts_as_numpy_does(monkeypatch):
+    # torchslim/_histograms.c is built at install where a C compiler is found (pyproject.toml), as on these
+    # machines and in CI; it must give numpy's buckets, min, max and count, and sums equal to rounding.
+    if event_file._native is None:
+        pytest.skip("torchslim._histograms was not built (no C compiler at install): numpy does the work")
+    from tensorboard.compat.proto.summary_pb2 import HistogramProto
+
+    rng = np.random.default_rng(5)
+    limits = np.array(summary_writer.BUCKET_LIMITS[1:-1], dtype=np.float32)
+    f32 = np.finfo(np.float32)
+    rows = [
+        ("limits", np.concatenate([limits, np.nextafter(limits, np.float32(np.inf)), -limits])),
+        ("edges", np.array([0.0, -0.0, f32.smallest_subnormal, -f32.tiny, f32.max, f32.min], np.float32)),
+        ("empty", np.zeros(0, np.float32)),
+        ("spread", (rng.standard_normal(5000) * 10.0 ** rng.uniform(-30, 30, 5000)).astype(np.float32)),
+        ("weights", (rng.standard_normal((64, 128)) * 0.1).astype(np.float32).reshape(-1)),
+        ("one", np.array([3.5], np.float32)),
+    ]
+    native = event_file._group_protos(rows)
+    monkeypatch.setattr(event_file, "_native", None)
+    numpy = event_file._group_protos(rows)
+    for (tag, values), a, b in zip(rows, native, numpy):
+        ha, hb = HistogramProto.FromString(a), HistogramProto.FromString(b)
+        assert (ha.num, ha.min, ha.max, list(ha.bucket_limit), list(ha.bucket)) == (
+            hb.num, hb.min, hb.max, list(hb.bucket_limit), list(hb.bucket)), tag
+        # summed in order (as TF sums) against numpy's pairwise sums: equal to the rounding of the terms
+        doubles = values.astype(np.float64)
+        assert abs(ha.sum - hb.sum) <= 1e-12 * np.abs(doubles).sum(), tag
+        assert abs(ha.sum_squares - hb.sum_squares) <= 1e-12 * (doubles * doubles).sum(), tag
+    monkeypatch.undo()
+    for bad in (np.nan, np.inf, -np.inf):  # the tensor is named, and no count lands outside its row
+        values = np.array([1.0, bad, 2.0], np.float32)
+        with pytest.raises(ValueError, match="histogram summary 'bad': the tensor holds NaN or infinite values"):
+            event_file._group_protos([("good", np.ones(4, np.float32)), ("bad", values)])
+    counts = np.zeros(len(event_file._THRESHOLDS), np.int64)
+    for wrong in (np.ones(3), np.ones(3, np.int32)):  # a wrong dtype never reaches the loop, of any item size
+        with pytest.raises(ValueError, match="each array must have items of 4 bytes of format 'f'"):
+            event_file._native.float32_histograms([wrong], event_file._CELL_BUCKETS, event_file._THRESHOLDS,
+                                                  np.empty(4), counts)
+    with pytest.raises(ValueError, match="wrong size"):
+        event_file._native.float32_histograms([np.ones(3, np.float32)], event_file._CELL_BUCKETS,
+                                              event_file._THRESHOLDS, np.empty(4), np.zeros(10, np.int64))
 
 
 def test_snapshot_buffers_are_reused_and_every_write_keeps_its_own_values(tmp_path):

@@ -1,0 +1,3 @@
+from typing import Any
+
+def float32_histograms(arrays: list[Any], cells: Any, thresholds: Any, stats: Any, counts: Any, /) -> int: ...
