@@ -202,10 +202,13 @@ def _native_stats_and_counts(group: list[tuple[str, np.ndarray]], arrays: list[n
 
     Written because numpy could not do this cheaply enough beside training: its fourteen passes each
     hand the GIL over and back. The loop is one pass a tensor, without the GIL. On the summaries
-    benchmark (2-core VM, in-process A/B of 13 rounds), with/without went from 0.859 to 0.907 at 1
-    torch thread, and from 0.877 to 0.884 at 2 (17 rounds); a 104-tensor group took 640-670 us
-    instead of 1,470-1,520 (medians of 50, four alternating passes), 333 of them in the loop. With a hidden layer of 2,048 (154k values a write) the gain at 1 thread
-    was 0.832 -> 0.906 (11 rounds). Sums are taken in order, as TF takes them; numpy's are pairwise,
+    benchmark (2-core VM, runs alternating, medians over 64 batches each), the writer thread's CPU a
+    write beside training went from 190 to 97 us at 1 torch thread and from 128 to 68 at 2; with a
+    hidden layer of 2,048 (154k values a write), from 1,574 to 631. A 104-tensor group took 640-670 us
+    instead of 1,470-1,520 (medians of 50, four alternating passes), 333 of them in the loop. The
+    benchmark's with/without moved inside its noise: in-process A/B runs gave 0.859 -> 0.907 and
+    0.895 -> 0.868 at 1 thread, 0.877 -> 0.884 and 0.872 -> 0.892 at 2, and 0.832 -> 0.906 at 1
+    thread with the 2,048 layer. Sums are taken in order, as TF takes them; numpy's are pairwise,
     so the two paths agree to the rounding of the terms."""
     by_row = np.empty((len(arrays), 4))
     counts = np.zeros(len(arrays) * width, np.int64)

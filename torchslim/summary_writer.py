@@ -46,8 +46,10 @@ the no-summary run at 1 / 2 torch threads, medians of paired rounds, 2-core VM
         and one read, one lock a write, events encoded whole
         (six runs):                                              0.80-0.93x / 0.84-0.91x
     the same, float32 histograms by a compiled loop without the
-        GIL (event_file._native_stats_and_counts; now), against
-        numpy in the same runs:                                  0.907x / 0.884x (numpy 0.859x / 0.877x)
+        GIL (event_file._native_stats_and_counts; now; the
+        writer's CPU a write 190 -> 97 / 128 -> 68 us), two
+        in-process A/B runs against numpy:                       0.907, 0.868x / 0.884, 0.892x
+                                                                 (numpy 0.859, 0.895x / 0.877, 0.872x)
 
 so the writer is a thread. It wakes once a second, when its queue is half
 full (by count or by the bytes of its copies), when 1 MB of copies wait, or
