@@ -836,7 +836,7 @@ def test_histograms_in_a_reused_workspace_are_those_in_fresh_arrays(monkeypatch,
 
 
 def test_the_compiled_histogram_loop_counts_as_numpy_does(monkeypatch):
-    # torchslim/_histograms.c is built at install where a C compiler is found (pyproject.toml), as on these
+    # torchslim/_histograms.c is built at install where a C compiler is found (setup.py), as on these
     # machines and in CI; it must give numpy's buckets, min, max and count, and sums equal to rounding.
     if event_file._native is None:
         pytest.skip("torchslim._histograms was not built (no C compiler at install): numpy does the work")

@@ -190,14 +190,17 @@ def _group_protos(group: list[tuple[str, np.ndarray]], workspace: _Workspace | N
     width = len(BUCKET_LIMITS)
     arrays = [a for _, a in group]
     sizes = np.array([a.size for a in arrays])
-    if _native is not None and all(a.dtype == np.float32 and a.flags.c_contiguous for a in arrays):
-        stats, counts = _native_stats_and_counts(group, arrays, width)
+    native = _native
+    if native is not None and all(a.dtype == np.float32 and a.flags.c_contiguous for a in arrays):
+        stats, counts = _native_stats_and_counts(native, group, arrays, width)
     else:
         stats, counts = _numpy_stats_and_counts(group, arrays, sizes, width, workspace)
     return _protos(stats, counts, sizes, width)
 
 
-def _native_stats_and_counts(group: list[tuple[str, np.ndarray]], arrays: list[np.ndarray], width: int) -> tuple[np.ndarray, np.ndarray]:
+def _native_stats_and_counts(
+    native: types.ModuleType, group: list[tuple[str, np.ndarray]], arrays: list[np.ndarray], width: int
+) -> tuple[np.ndarray, np.ndarray]:
     """The compiled loop's min, max, sum, sum of squares ([4, rows]) and counts ([rows * width]).
 
     Written because numpy could not do this cheaply enough beside training: its fourteen passes each
@@ -212,8 +215,7 @@ def _native_stats_and_counts(group: list[tuple[str, np.ndarray]], arrays: list[n
     so the two paths agree to the rounding of the terms."""
     by_row = np.empty((len(arrays), 4))
     counts = np.zeros(len(arrays) * width, np.int64)
-    assert _native is not None
-    bad = _native.float32_histograms(arrays, _CELL_BUCKETS, _THRESHOLDS, by_row, counts)
+    bad = native.float32_histograms(arrays, _CELL_BUCKETS, _THRESHOLDS, by_row, counts)
     if bad >= 0:
         raise ValueError(f"histogram summary {group[bad][0]!r}: the tensor holds NaN or infinite values")
     return by_row.T, counts

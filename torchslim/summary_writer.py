@@ -30,13 +30,13 @@ the no-summary run at 1 / 2 torch threads, medians of paired rounds, 2-core VM
         to start; nice 19), the thread piping it the batches:    0.81-0.83x / 0.52-0.63x
     the thread, every write copied by one torch.cat into a
         reused buffer with train()'s scalars, histogram groups
-        in a kept workspace (now):                               0.80-0.83x / 0.82-0.87x
+        in a kept workspace:                                     0.80-0.83x / 0.82-0.87x
     the same, the batches processed on the training thread
         (every 8 writes) instead:                                0.89x / 0.76x
     the same, the writer thread at SCHED_IDLE / nice 19:         0.80x / 0.82-1.01x
     the thread, buckets looked up by bit pattern, a wake's
         writes in one histogram group, the write path trimmed
-        (now, three runs; before these changes 0.84x / 0.85x):   0.81-0.87x / 0.86-0.88x
+        (three runs; before these changes 0.84x / 0.85x):        0.81-0.87x / 0.86-0.88x
     the same, the thread handing each batch to a helper
         process (``python -c`` loading event_file alone; the
         histograms as raw float32 through a 1 MB pipe; the
@@ -50,6 +50,7 @@ the no-summary run at 1 / 2 torch threads, medians of paired rounds, 2-core VM
         writer's CPU a write 190 -> 97 / 128 -> 68 us), two
         in-process A/B runs against numpy:                       0.907, 0.868x / 0.884, 0.892x
                                                                  (numpy 0.859, 0.895x / 0.877, 0.872x)
+        three runs of the benchmark itself:                      0.830-0.886x / 0.866-0.906x
 
 so the writer is a thread. It wakes once a second, when its queue is half
 full (by count or by the bytes of its copies), when 1 MB of copies wait, or
