@@ -835,9 +835,10 @@ def test_histograms_in_a_reused_workspace_are_those_in_fresh_arrays(monkeypatch,
     assert workspace.size > 0
 
 
-def test_the_compiled_histogram_loop_counts_as_numpy_does(monkeypatch):
+def test_the_compiled_histogram_loop_encodes_as_numpy_does(monkeypatch):
     # torchslim/_histograms.c is built at install where a C compiler is found (setup.py), as on these
-    # machines and in CI; it must give numpy's buckets, min, max and count, and sums equal to rounding.
+    # machines and in CI; its protos must hold numpy's buckets, min, max and count, and sums equal to
+    # rounding; where the sums agree exactly, the bytes are the same.
     if event_file._native is None:
         pytest.skip("torchslim._histograms was not built (no C compiler at install): numpy does the work")
     from tensorboard.compat.proto.summary_pb2 import HistogramProto
@@ -852,6 +853,9 @@ def test_the_compiled_histogram_loop_counts_as_numpy_does(monkeypatch):
         ("spread", (rng.standard_normal(5000) * 10.0 ** rng.uniform(-30, 30, 5000)).astype(np.float32)),
         ("weights", (rng.standard_normal((64, 128)) * 0.1).astype(np.float32).reshape(-1)),
         ("one", np.array([3.5], np.float32)),
+        ("zeros", np.zeros(7, np.float32)),  # sum and sum_squares 0: left out of the proto
+        ("gaps", np.array([-3e5, 1e-10, 1e-10, 5.0, 4e5, 4e5], np.float32)),  # empty runs between buckets
+        ("ints", np.arange(-20, 21, dtype=np.float32)),
     ]
     native = event_file._group_protos(rows)
     monkeypatch.setattr(event_file, "_native", None)
@@ -864,19 +868,30 @@ def test_the_compiled_histogram_loop_counts_as_numpy_does(monkeypatch):
         doubles = values.astype(np.float64)
         assert abs(ha.sum - hb.sum) <= 1e-12 * np.abs(doubles).sum(), tag
         assert abs(ha.sum_squares - hb.sum_squares) <= 1e-12 * (doubles * doubles).sum(), tag
+        if (ha.sum, ha.sum_squares) == (hb.sum, hb.sum_squares):
+            assert a == b, tag
+    assert sum(a == b for a, b in zip(native, numpy)) >= 5  # empty, one, zeros, gaps, ints at least
     monkeypatch.undo()
     for bad in (np.nan, np.inf, -np.inf):  # the tensor is named, and no count lands outside its row
         values = np.array([1.0, bad, 2.0], np.float32)
         with pytest.raises(ValueError, match="histogram summary 'bad': the tensor holds NaN or infinite values"):
             event_file._group_protos([("good", np.ones(4, np.float32)), ("bad", values)])
-    counts = np.zeros(len(event_file._THRESHOLDS), np.int64)
+    tables = (event_file._CELL_BUCKETS, event_file._THRESHOLDS, event_file._LIMITS)
     for wrong in (np.ones(3), np.ones(3, np.int32)):  # a wrong dtype never reaches the loop, of any item size
         with pytest.raises(ValueError, match="each array must have items of 4 bytes of format 'f'"):
-            event_file._native.float32_histograms([wrong], event_file._CELL_BUCKETS, event_file._THRESHOLDS,
-                                                  np.empty(4), counts)
+            event_file._native.float32_histogram_protos([wrong], *tables)
+    with pytest.raises(ValueError, match="limits must have items of 8 bytes"):
+        event_file._native.float32_histogram_protos([np.ones(3, np.float32)], *tables[:2], tables[1])
     with pytest.raises(ValueError, match="wrong size"):
-        event_file._native.float32_histograms([np.ones(3, np.float32)], event_file._CELL_BUCKETS,
-                                              event_file._THRESHOLDS, np.empty(4), np.zeros(10, np.int64))
+        event_file._native.float32_histogram_protos([np.ones(3, np.float32)], *tables[:2], tables[2][:10])
+    # a live float32 CPU tensor is passed as (address, count), which the loop reads as it reads a buffer
+    weights = torch.from_numpy(rows[4][1].copy())
+    by_address = event_file._native.float32_histogram_protos([(weights.data_ptr(), weights.numel())], *tables)
+    assert by_address == [native[4]]
+    assert event_file._native.float32_histogram_protos([(0, 0)], *tables) == [native[2]]  # empty: no read
+    for wrong in ((0, 3), (weights.data_ptr(), -1)):
+        with pytest.raises(ValueError, match="an \\(address, count\\) is not valid"):
+            event_file._native.float32_histogram_protos([wrong], *tables)
 
 
 def test_snapshot_buffers_are_reused_and_every_write_keeps_its_own_values(tmp_path):

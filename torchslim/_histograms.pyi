@@ -1,3 +1,5 @@
 from typing import Any
 
-def float32_histograms(arrays: list[Any], cells: Any, thresholds: Any, stats: Any, counts: Any, /) -> int: ...
+def float32_histogram_protos(
+    arrays: list[Any], cells: Any, thresholds: Any, limits: Any, /
+) -> list[bytes] | int: ...

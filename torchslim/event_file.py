@@ -117,7 +117,7 @@ def _histogram_encodings(named: list[tuple[str, Any]], workspace: _Workspace | N
     are computed together, in groups of up to ``_GROUP_VALUES`` values, each
     value's bucket looked up by the top bits of its float32 pattern
     (``_CELL_BUCKETS``), other dtypes' by an exact ``searchsorted``; float32
-    groups by the compiled loop (:func:`_native_stats_and_counts`), the rest
+    groups by the compiled loop (:func:`_native_protos`), the rest
     in numpy (one thread; its loops release the GIL; about 1 us a call where
     a torch op takes 3-5 us on these machines). On 100 tensors of 9,610
     values in all (25 writes of the summaries benchmark; this 2-core VM,
@@ -125,7 +125,8 @@ def _histogram_encodings(named: list[tuple[str, Any]], workspace: _Workspace | N
     6.2-8.9 ms with buckets estimated from log|v|, 1.7-1.8 ms looked up in
     numpy (26 writes), 1.5 ms on the day the compiled loop came, with which
     it took 0.64-0.67 ms, half of that the buckets kept and the protos'
-    encoding, which are still numpy and Python."""
+    encoding, then in numpy and Python; with those in C as well, 0.38-0.45
+    ms."""
     protos: list[bytes] = []
     group: list[tuple[str, np.ndarray]] = []
     filled = 0
@@ -187,45 +188,41 @@ def _fresh_arrays(n: int, dtype: Any) -> tuple[np.ndarray, ...]:
 
 
 def _group_protos(group: list[tuple[str, np.ndarray]], workspace: _Workspace | None = None) -> list[bytes]:
-    width = len(BUCKET_LIMITS)
     arrays = [a for _, a in group]
-    sizes = np.array([a.size for a in arrays])
     native = _native
     if native is not None and all(a.dtype == np.float32 and a.flags.c_contiguous for a in arrays):
-        stats, counts = _native_stats_and_counts(native, group, arrays, width)
-    else:
-        stats, counts = _numpy_stats_and_counts(group, arrays, sizes, width, workspace)
+        return _native_protos(native, group, arrays)
+    width = len(BUCKET_LIMITS)
+    sizes = np.array([a.size for a in arrays])
+    stats, counts = _numpy_stats_and_counts(group, arrays, sizes, width, workspace)
     return _protos(stats, counts, sizes, width)
 
 
-def _native_stats_and_counts(
-    native: types.ModuleType, group: list[tuple[str, np.ndarray]], arrays: list[np.ndarray], width: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """The compiled loop's min, max, sum, sum of squares ([4, rows]) and counts ([rows * width]).
+def _native_protos(native: types.ModuleType, group: list[tuple[str, np.ndarray]], arrays: list[np.ndarray]) -> list[bytes]:
+    """Each float32 array's HistogramProto, made by the compiled loop (``torchslim/_histograms.c``).
 
     Written because numpy could not do this cheaply enough beside training: its fourteen passes each
-    hand the GIL over and back. The loop is one pass a tensor, without the GIL. On the summaries
-    benchmark (2-core VM, runs alternating, medians over 64 batches each), the writer thread's CPU a
-    write beside training went from 190 to 97 us at 1 torch thread and from 128 to 68 at 2; with a
-    hidden layer of 2,048 (154k values a write), from 1,574 to 631. A 104-tensor group took 640-670 us
-    instead of 1,470-1,520 (medians of 50, four alternating passes), 333 of them in the loop. The
-    benchmark's with/without moved inside its noise: in-process A/B runs gave 0.859 -> 0.907 and
-    0.895 -> 0.868 at 1 thread, 0.877 -> 0.884 and 0.872 -> 0.892 at 2, and 0.832 -> 0.906 at 1
-    thread with the 2,048 layer. Sums are taken in order, as TF takes them; numpy's are pairwise,
-    so the two paths agree to the rounding of the terms."""
-    by_row = np.empty((len(arrays), 4))
-    counts = np.zeros(len(arrays) * width, np.int64)
-    bad = native.float32_histograms(arrays, _CELL_BUCKETS, _THRESHOLDS, by_row, counts)
-    if bad >= 0:
-        raise ValueError(f"histogram summary {group[bad][0]!r}: the tensor holds NaN or infinite values")
-    return by_row.T, counts
+    hand the GIL over and back. The loop is one pass a tensor without the GIL, then the kept buckets and
+    the proto's bytes, also without it. With the loop computing min, max, sums and counts and numpy and
+    Python the rest, the writer thread's CPU a write of the summaries benchmark beside training went
+    from 190 to 97 us at 1 torch thread and from 128 to 68 at 2 (2-core VM, runs alternating, medians
+    over 64 batches each), and a 104-tensor group took 640-670 us instead of 1,470-1,520, 333 of them
+    in the loop. With the kept buckets and the bytes in C too, the group takes 375-451 us instead of
+    672-750, and the writer's CPU a write beside training 62 us instead of 95 at 1 thread, 55 instead
+    of 68 at 2 (same VM and method, old and new modules alternating). Sums are taken in order, as TF takes them; numpy's are
+    pairwise, so the two paths agree to the rounding of the terms."""
+    protos = native.float32_histogram_protos(arrays, _CELL_BUCKETS, _THRESHOLDS, _LIMITS)
+    if isinstance(protos, int):
+        raise ValueError(f"histogram summary {group[protos][0]!r}: the tensor holds NaN or infinite values")
+    return protos
 
 
 def _numpy_stats_and_counts(
     group: list[tuple[str, np.ndarray]], arrays: list[np.ndarray], sizes: np.ndarray, width: int,
     workspace: _Workspace | None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The same as :func:`_native_stats_and_counts`, in numpy passes over the group's values together."""
+    """min, max, sum, sum of squares ([4, rows]) and bucket counts ([rows * width]), in numpy passes
+    over the group's values together: where the compiled loop was not built."""
     rows = len(arrays)
     n = int(sizes.sum())
     single_only = all(a.dtype == np.float32 for a in arrays)

@@ -46,11 +46,14 @@ the no-summary run at 1 / 2 torch threads, medians of paired rounds, 2-core VM
         and one read, one lock a write, events encoded whole
         (six runs):                                              0.80-0.93x / 0.84-0.91x
     the same, float32 histograms by a compiled loop without the
-        GIL (event_file._native_stats_and_counts; now; the
-        writer's CPU a write 190 -> 97 / 128 -> 68 us), two
-        in-process A/B runs against numpy:                       0.907, 0.868x / 0.884, 0.892x
+        GIL (min, max, sums, counts; the writer's CPU a write
+        190 -> 97 / 128 -> 68 us), two in-process A/B runs
+        against numpy:                                           0.907, 0.868x / 0.884, 0.892x
                                                                  (numpy 0.859, 0.895x / 0.877, 0.872x)
         three runs of the benchmark itself:                      0.830-0.886x / 0.866-0.906x
+    the same, the kept buckets and the proto's bytes in C too
+        (event_file._native_protos; now; the writer's CPU a
+        write 95 -> 62 / 68 -> 55 us), one run:                  0.873x (0.725-1.042) / 0.929x (0.853-1.196)
 
 so the writer is a thread. It wakes once a second, when its queue is half
 full (by count or by the bytes of its copies), when 1 MB of copies wait, or
