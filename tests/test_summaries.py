@@ -919,6 +919,58 @@ def test_snapshot_buffers_are_reused_and_every_write_keeps_its_own_values(tmp_pa
         ]
 
 
+def test_snapshot_compiled_copy_takes_what_torch_cat_takes(monkeypatch):
+    # summary_records copies float32 CPU tensors by their addresses (torchslim/_histograms.c's
+    # gather_float32); a non-contiguous one, a tensor subclass or a build without the extension takes
+    # torch.cat. Both must copy the same values, at the time of the snapshot.
+    from torchslim import summary_records
+
+    if summary_records._gather_float32 is None:
+        pytest.skip("torchslim._histograms was not built (no C compiler at install): torch.cat does the copy")
+    weight = torch.nn.Parameter(torch.arange(12.0).reshape(3, 4))
+    loss = (weight * 2).sum()  # requires grad: read without a graph
+    records = [
+        summary_records.SummaryRecord("w", "histogram", weight),
+        summary_records.SummaryRecord("w[1:]", "histogram", weight[1:]),  # a contiguous view: its own offset
+        summary_records.SummaryRecord("loss", "scalar", loss),
+        summary_records.SummaryRecord("one", "scalar", torch.full((1, 1), 7.0)),
+        summary_records.SummaryRecord("frac", "scalar", weight, reduce="zero_fraction"),
+        summary_records.SummaryRecord("i", "histogram", torch.arange(5)),  # int64: cloned on its own
+    ]
+    fast = summary_records._snapshot(records)
+    with torch.no_grad():
+        weight.add_(100.0)  # after the snapshot: not in it
+    assert not fast.flat.requires_grad and fast.flat.grad_fn is None
+    expected = torch.cat([torch.arange(12.0), torch.arange(4.0, 12.0), torch.tensor([132.0, 7.0])])
+    assert torch.equal(fast.flat, expected)
+    fast_values = summary_records._finalize(fast)
+    with torch.no_grad():
+        weight.sub_(100.0)
+    for compiled in (None, summary_records._gather_float32):
+        monkeypatch.setattr(summary_records, "_gather_float32", compiled)
+        transposed = [summary_records.SummaryRecord("w", "histogram", weight.t()), *records[1:]]  # torch.cat
+        for rs in (records, transposed):
+            snap = summary_records._snapshot(rs)
+            assert torch.equal(snap.flat[12:], expected[12:])
+            values = summary_records._finalize(snap)
+            assert [(t, k) for t, k, _ in values] == [(t, k) for t, k, _ in fast_values]
+            for (_, _, a), (_, _, b) in zip(values[1:], fast_values[1:]):
+                assert np.array_equal(np.asarray(a), np.asarray(b))
+    assert np.array_equal(summary_records._finalize(summary_records._snapshot(transposed))[0][2], weight.detach().t().reshape(-1).numpy())
+    gather = summary_records._gather_float32
+    out = torch.zeros(4)
+    assert gather(out.data_ptr(), 4, [(weight.data_ptr(), 3), (0, 0)]) == 3 and out.tolist() == [0.0, 1.0, 2.0, 0.0]
+    with pytest.raises(ValueError, match="source 1 \\(count 2\\) is not valid or does not fit in the 1 values left"):
+        gather(out.data_ptr(), 4, [(weight.data_ptr(), 3), (weight.data_ptr(), 2)])
+    with pytest.raises(ValueError, match="source 0 \\(count 1\\) is not valid"):
+        gather(out.data_ptr(), 4, [(0, 1)])
+    with pytest.raises(TypeError, match="each source must be an \\(address, count\\) tuple"):
+        gather(out.data_ptr(), 4, [weight.data_ptr()])
+    with pytest.raises(ValueError, match="the destination address is 0"):
+        gather(0, 4, [(weight.data_ptr(), 3)])
+    assert out.tolist() == [0.0, 1.0, 2.0, 0.0]  # a refused call copies nothing
+
+
 def test_write_scalars_are_checked_before_anything_is_queued(tmp_path):
     with summaries.SummaryWriter(str(tmp_path)) as writer:
         with pytest.raises(ValueError, match="argument 'scalars' must be a dict"):

@@ -1,4 +1,5 @@
-/* TensorFlow's histograms of float32 tensors in one pass each, without the GIL.
+/* TensorFlow's histograms of float32 tensors in one pass each, without the GIL; and the copy of a
+ * summary write's float32 values on the training thread (gather_float32, at the end).
  *
  * torchslim.event_file computes the same with numpy: fourteen passes over a group's values, each a
  * numpy call that hands the GIL over and back, which beside a training loop cost it more than the
@@ -249,7 +250,79 @@ release_cells:
     return result;
 }
 
+static void
+copy_all(float *to, const float **from, const Py_ssize_t *counts, Py_ssize_t rows)
+{
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        memcpy(to, from[r], (size_t)counts[r] * sizeof(float));
+        to += counts[r];
+    }
+}
+
+/* gather_float32(destination, capacity, sources) -> int
+ *
+ * Copies each source's float32 values, one after another, to `destination` (the address of `capacity`
+ * float32 values); each source an (address, count) of a live C-contiguous CPU tensor's values, held by
+ * the caller for the call. Returns the count copied. summary_records' snapshot of a write: one call in
+ * place of a reshape view a tensor and a torch.cat, which cost the training thread 1-2 us a tensor. The
+ * GIL is kept for small copies: handing it over beside the writer thread costs more than the copy. */
+static PyObject *
+gather_float32(PyObject *self, PyObject *args)
+{
+    (void)self;
+    void *destination;
+    Py_ssize_t capacity, total = 0;
+    PyObject *sources;
+    if (!PyArg_ParseTuple(args, "O&nO!", address_of, &destination, &capacity, &PyList_Type, &sources))
+        return NULL;
+    Py_ssize_t rows = PyList_GET_SIZE(sources);
+    const float **from = PyMem_Calloc(rows > 0 ? (size_t)rows : 1, sizeof(float *));
+    Py_ssize_t *counts = PyMem_Calloc(rows > 0 ? (size_t)rows : 1, sizeof(Py_ssize_t));
+    if (from == NULL || counts == NULL) {
+        PyMem_Free(from);
+        PyMem_Free(counts);
+        return PyErr_NoMemory();
+    }
+    for (Py_ssize_t r = 0; r < rows; r++) {
+        PyObject *source = PyList_GET_ITEM(sources, r);
+        void *address;
+        if (!PyTuple_Check(source) || !PyArg_ParseTuple(source, "O&n", address_of, &address, &counts[r])) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_TypeError, "gather_float32: each source must be an (address, count) tuple");
+            goto fail;
+        }
+        if (counts[r] < 0 || (counts[r] > 0 && address == NULL) || counts[r] > capacity - total) {
+            PyErr_Format(PyExc_ValueError, "gather_float32: source %zd (count %zd) is not valid or does not fit "
+                         "in the %zd values left of the destination", r, counts[r], capacity - total);
+            goto fail;
+        }
+        from[r] = address;
+        total += counts[r];
+    }
+    if (total > 0 && destination == NULL) {
+        PyErr_SetString(PyExc_ValueError, "gather_float32: the destination address is 0");
+        goto fail;
+    }
+    if (total >= (1 << 18)) {  /* 1 MB and more: the copy outlasts a GIL hand-over */
+        Py_BEGIN_ALLOW_THREADS
+        copy_all(destination, from, counts, rows);
+        Py_END_ALLOW_THREADS
+    } else {
+        copy_all(destination, from, counts, rows);
+    }
+    PyMem_Free(from);
+    PyMem_Free(counts);
+    return PyLong_FromSsize_t(total);
+fail:
+    PyMem_Free(from);
+    PyMem_Free(counts);
+    return NULL;
+}
+
 static PyMethodDef methods[] = {
+    {"gather_float32", gather_float32, METH_VARARGS,
+     "gather_float32(destination, capacity, sources) -> int: copies each (address, count) source's float32 "
+     "values one after another to the destination address, which holds capacity values."},
     {"float32_histogram_protos", float32_histogram_protos, METH_VARARGS,
      "float32_histogram_protos(arrays, cells, thresholds, limits) -> list[bytes] | int: TF's serialized "
      "HistogramProto of each float32 array, made without the GIL; or the first array holding NaN or Inf."},
