@@ -58,13 +58,13 @@ class SummaryRecord:
 _NUMPY_DTYPES = {torch.float64, torch.float32, torch.float16, torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64, torch.bool}
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class _Snapshot:
     """Copies of the records' values, possibly still in flight from a GPU.
 
     ``items`` pairs each record with its copy, or, for the float32 CPU
     tensors (histograms and scalars alike), with a slice of ``flat``: their
-    values copied together by one ``torch.cat``. ``ready`` holds values that
+    values copied together into it. ``ready`` holds values that
     need no copy: ``(tag, 'scalar', float)``."""
 
     items: list[tuple[SummaryRecord, Any]]
@@ -78,13 +78,7 @@ class _Snapshot:
             event.synchronize()
         self.events = []
 
-    @property
-    def nbytes(self) -> int:
-        n = 0 if self.flat is None else self.flat.nbytes
-        for _, value in self.items:
-            if isinstance(value, torch.Tensor):
-                n += value.nbytes
-        return n
+    nbytes: int = 0  # of the tensor copies, which the writer's queue is bounded by
 
 
 def _to_cpu(t: torch.Tensor, events: dict[torch.device, Any]) -> torch.Tensor:
@@ -176,12 +170,15 @@ def _snapshot(
         else:
             others.append(len(items))
             items.append((record, None))
+    nbytes = 4 * offset
     if others:
         # Read under no_grad, not detached one by one: each torch call costs 1-3 us at the end of a step.
         with torch.no_grad():
             for j in others:
                 record = items[j][0]
-                items[j] = (record, _copy(record, events))
+                value = _copy(record, events)
+                items[j] = (record, value)
+                nbytes += value.nbytes if isinstance(value, torch.Tensor) else 0
     flat = None
     if fused:
         buf = buffers.take(offset) if buffers is not None else None
@@ -205,7 +202,7 @@ def _snapshot(
             event = torch.cuda.Event()
             event.record()
             recorded.append(event)
-    return _Snapshot(items, recorded, flat, ready if ready is not None else [], pooled=buffers is not None)
+    return _Snapshot(items, recorded, flat, ready if ready is not None else [], buffers is not None, nbytes)
 
 
 def _copy(record: SummaryRecord, events: dict[torch.device, Any]) -> Any:

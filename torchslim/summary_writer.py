@@ -399,9 +399,13 @@ class SummaryWriter:
             >>> _ = add_histogram_summaries(torch.nn.Linear(4, 2), prefix='weights')
             >>> w.write(step=10, scalars={'learning_rate': 0.1}); w.close()
         """
-        self._raise_pending()
-        self._check_open("write")
-        step = self._check_step("write", step)
+        # The checks of every write inline, their messages made by calls only for a bad one.
+        if self._stalled is not None or self._error is not None:
+            self._raise_pending()
+        if self._closed:
+            self._check_open("write")
+        if type(step) is not int or step < 0:
+            step = self._check_step("write", step)
         if torch.autograd._profiler_enabled():  # a traced step shows this as its own region
             with torch.profiler.record_function("torchslim/summaries"):
                 self._write(step, records, scalars)
