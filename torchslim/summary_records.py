@@ -72,13 +72,12 @@ class _Snapshot:
     flat: torch.Tensor | None = None
     ready: list[tuple[str, str, Any]] = dataclasses.field(default_factory=list)
     pooled: bool = False  # flat came from a _FlatBuffers, to be handed back once written
+    nbytes: int = 0  # of the tensor copies, which the writer's queue is bounded by
 
     def wait(self) -> None:
         for event in self.events:
             event.synchronize()
         self.events = []
-
-    nbytes: int = 0  # of the tensor copies, which the writer's queue is bounded by
 
 
 def _to_cpu(t: torch.Tensor, events: dict[torch.device, Any]) -> torch.Tensor:
@@ -185,10 +184,11 @@ def _snapshot(
         if sources is not None:
             # The compiled copy, not a torch.cat of reshape views (a torch call and a view a tensor): the
             # snapshot of the summaries benchmark's write took 14.2 us in a tight loop, now 7.6; inside
-            # training, where torch calls cost more, its summary step went from 336-355 to 297-320 us
-            # and the steps between writes from 250-254 to 241-244 (2-core VM, old and new alternating).
+            # training, where torch calls cost more, its summary step went from 312-355 to 282-320 us
+            # and the steps between writes from 246-254 to 240-245 (2-core VM, old and new alternating,
+            # two runs of 4 pairs).
             flat = buf if buf is not None else torch.empty(offset, dtype=_FLOAT32)
-            _gather_float32(flat.data_ptr(), offset, sources)  # type: ignore[misc]  # set when sources is
+            _gather_float32(flat.data_ptr(), offset, sources)  # type: ignore[misc]  # not None: sources is a list only then
         else:
             with torch.no_grad():
                 flat_views = [t.reshape(-1) for t in fused]
